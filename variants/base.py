@@ -1,0 +1,251 @@
+"""The variant interface and registry.
+
+A *variant* is one fine-tuning method. It owns exactly three things, so that the shared trainer never
+needs to know which method it is running:
+
+1. **model surgery** — ``apply(model)`` freezes what must stay frozen, wraps the targeted ``nn.Linear``
+   modules and returns the model;
+2. **the optimizer** — ``optimizer(model, lr, ...)`` (built from ``param_groups``; LoRA+ changes the
+   groups, GaLore returns its own projected AdamW);
+3. **per-step hooks** — ``after_step(model, step, total_steps)`` runs after ``optimizer.step()`` and
+   before ``zero_grad()`` (AdaLoRA's rank allocation), ``extra_loss(model)`` is added to the task loss
+   (AdaLoRA's orthogonality penalty).
+
+Plus ``merge``/``unmerge`` where the method allows it, ``adapter_state``/``save_adapter`` (safetensors)
+and ``cost`` (trainable parameters, optimizer-state bytes).
+
+Usage, without Hydra or the trainer::
+
+    import variants
+    v = variants.create("dora", rank=8, alpha=16, targets=["query", "value"])
+    model = v.apply(model)
+    opt = v.optimizer(model, lr=5e-4)
+    for step, batch in enumerate(batches):
+        loss = model(**batch).loss + v.extra_loss(model)
+        loss.backward(); opt.step(); v.after_step(model, step, total_steps); opt.zero_grad()
+
+Every option is a dataclass field, validated on construction; a bad value raises ``VariantError`` whose
+one-line message names the option.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from .targets import head_module_names, resolve_targets
+
+_REGISTRY: dict[str, type[Variant]] = {}
+
+
+class VariantError(ValueError):
+    """A bad variant option or a model the variant cannot be applied to (one-line message)."""
+
+
+def register(name: str):
+    """Class decorator: make a variant available as ``variants.create(name, ...)``."""
+
+    def deco(cls):
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return deco
+
+
+def available() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get(name: str) -> type[Variant]:
+    if name not in _REGISTRY:
+        raise VariantError(f"unknown variant {name!r} (available: {', '.join(available())})")
+    return _REGISTRY[name]
+
+
+def create(name: str, **options: Any) -> Variant:
+    return get(name)(**options)
+
+
+# ----------------------------------------------------------------------------------------------- configs
+
+
+@dataclass
+class BaseConfig:
+    """Options every variant has: which modules form the task head, and whether it trains."""
+
+    head: tuple[str, ...] = ("classifier", "score", "lm_head")  # never wrapped; trainable if train_head
+    train_head: bool = True  # a new head (classification) must train; a tied LM head must not
+
+    def validate(self) -> None:
+        self.head = tuple([self.head] if isinstance(self.head, str) else self.head)
+
+
+@dataclass
+class LowRankConfig(BaseConfig):
+    """Options shared by the methods that add a low-rank update to targeted Linear layers."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    scaling: str = "standard"  # "standard": alpha/rank (Hu et al.); "rslora": alpha/sqrt(rank) (Kalajdzievski)
+    targets: Any = ("query", "value")  # suffix list | regex string | "all-linear" | preset name (targets.py)
+
+    def validate(self) -> None:
+        super().validate()
+        _check(isinstance(self.rank, int) and not isinstance(self.rank, bool) and self.rank > 0,
+               "rank", self.rank, "a positive integer")
+        _check(_is_number(self.alpha) and self.alpha > 0, "alpha", self.alpha, "a positive number")
+        _check(_is_number(self.dropout) and 0 <= self.dropout < 1, "dropout", self.dropout, "in [0, 1)")
+        _check(self.scaling in ("standard", "rslora"), "scaling", self.scaling, "'standard' or 'rslora'")
+        _check(bool(self.targets), "targets", self.targets, "a non-empty module spec")
+
+    @property
+    def scale(self) -> float:
+        """s in h = W0 x + s·BAx: alpha/r (LoRA, eq. 4) or alpha/sqrt(r) (rsLoRA, Thm 3.2)."""
+        return self.alpha / (math.sqrt(self.rank) if self.scaling == "rslora" else self.rank)
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _check(ok: bool, option: str, value: Any, expected: str) -> None:
+    if not ok:
+        raise VariantError(f"invalid option {option}={value!r}: expected {expected}")
+
+
+# ----------------------------------------------------------------------------------------------- variant
+
+
+class Variant:
+    """Base class: defaults that suit most methods (AdamW over trainable params, no hooks)."""
+
+    name: ClassVar[str] = "?"
+    Config: ClassVar[type[BaseConfig]] = BaseConfig
+
+    def __init__(self, **options: Any):
+        known = {f.name for f in dataclasses.fields(self.Config)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise VariantError(
+                f"variant {self.name!r} has no option {unknown[0]!r} (options: {', '.join(sorted(known))})"
+            )
+        self.cfg = self.Config(**options)
+        self.cfg.validate()
+        self.base_params: int | None = None  # parameter count of the model before apply()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.cfg})"
+
+    # -- 1. model surgery ------------------------------------------------------------------------------
+    def apply(self, model: nn.Module) -> nn.Module:
+        """Freeze the model, adapt it, and unfreeze the head when ``train_head``. Returns the model."""
+        self.base_params = sum(p.numel() for p in model.parameters())
+        model.requires_grad_(False)
+        self._adapt(model)
+        if self.cfg.train_head:
+            for name in head_module_names(model, self.cfg.head):
+                model.get_submodule(name).requires_grad_(True)
+        return model
+
+    def _adapt(self, model: nn.Module) -> None:
+        """Method-specific surgery; the model arrives fully frozen."""
+
+    def target_names(self, model: nn.Module) -> list[str]:
+        return resolve_targets(model, self.cfg.targets, head=self.cfg.head)
+
+    # -- 2. optimizer ---------------------------------------------------------------------------------
+    def param_groups(self, model: nn.Module, lr: float, weight_decay: float = 0.0) -> list[dict]:
+        """Weight decay on matrices only (biases, norms, DoRA magnitudes and scalars are not decayed)."""
+        decay, no_decay = [], []
+        for _, p in trainable(model):
+            (decay if p.ndim >= 2 else no_decay).append(p)
+        groups = [{"params": decay, "lr": lr, "weight_decay": weight_decay},
+                  {"params": no_decay, "lr": lr, "weight_decay": 0.0}]
+        return [g for g in groups if g["params"]]
+
+    def optimizer(self, model: nn.Module, lr: float, weight_decay: float = 0.0,
+                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> torch.optim.Optimizer:
+        groups = self.param_groups(model, lr, weight_decay)
+        if not groups:
+            raise VariantError(f"variant {self.name!r} left no trainable parameter in the model")
+        return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps)
+
+    # -- 3. per-step hooks ----------------------------------------------------------------------------
+    def extra_loss(self, model: nn.Module) -> torch.Tensor | float:
+        """Added to the task loss before backward (AdaLoRA's orthogonality penalty)."""
+        return 0.0
+
+    def after_step(self, model: nn.Module, step: int, total_steps: int) -> None:
+        """Runs after optimizer.step(), before zero_grad() (gradients still present)."""
+
+    # -- merge, save, cost ----------------------------------------------------------------------------
+    mergeable: ClassVar[bool] = False
+
+    def merge(self, model: nn.Module) -> nn.Module:
+        raise VariantError(f"variant {self.name!r} has no separate adapter to merge")
+
+    def unmerge(self, model: nn.Module) -> nn.Module:
+        raise VariantError(f"variant {self.name!r} has no separate adapter to unmerge")
+
+    def adapter_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The tensors that, with the base checkpoint, reproduce the fine-tuned model."""
+        return {n: p.detach() for n, p in trainable(model)}
+
+    def adapter_config(self, model: nn.Module) -> dict:
+        return {"variant": self.name, **dataclasses.asdict(self.cfg)}
+
+    def save_adapter(self, model: nn.Module, directory: str | os.PathLike) -> int:
+        """Write ``adapter_model.safetensors`` + ``adapter_config.json``; returns the tensor bytes."""
+        from safetensors.torch import save_file
+
+        os.makedirs(directory, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.adapter_state(model).items()}
+        save_file(state, os.path.join(directory, "adapter_model.safetensors"))
+        with open(os.path.join(directory, "adapter_config.json"), "w") as f:
+            json.dump(self.adapter_config(model), f, indent=2, default=list)
+        return sum(t.numel() * t.element_size() for t in state.values())
+
+    def cost(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict:
+        """Parameter counts (``trainable_pct`` is relative to the base model) and optimizer-state bytes."""
+        total = sum(p.numel() for p in model.parameters())
+        n_trainable = sum(p.numel() for _, p in trainable(model))
+        base = self.base_params or total
+        return {
+            "trainable_params": n_trainable,
+            "total_params": total,
+            "base_params": base,
+            "trainable_pct": 100.0 * n_trainable / base,
+            "optimizer_state_bytes": optimizer_state_bytes(optimizer) if optimizer is not None else None,
+            "adapter_bytes": sum(t.numel() * t.element_size() for t in self.adapter_state(model).values()),
+        }
+
+
+def trainable(model: nn.Module) -> Iterable[tuple[str, nn.Parameter]]:
+    return ((n, p) for n, p in model.named_parameters() if p.requires_grad)
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of every tensor held in the optimizer state (moments, projectors, step counters)."""
+
+    def size(x) -> int:
+        if torch.is_tensor(x):
+            return x.numel() * x.element_size()
+        if isinstance(x, dict):
+            return sum(size(v) for v in x.values())
+        if isinstance(x, (list, tuple)):
+            return sum(size(v) for v in x)
+        if hasattr(x, "__dict__"):  # e.g. galore-torch keeps a projector object in the state
+            return sum(size(v) for v in vars(x).values())
+        return 0
+
+    return sum(size(s) for s in optimizer.state.values())

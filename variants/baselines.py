@@ -1,0 +1,30 @@
+"""Reference points every comparison needs: full fine-tuning and the head-only linear probe."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .base import Variant, VariantError, register
+from .targets import head_module_names
+
+
+@register("full")
+class Full(Variant):
+    """Every parameter trainable (AdamW); the upper reference for quality and the cost ceiling."""
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        self.base_params = sum(p.numel() for p in model.parameters())
+        return model.requires_grad_(True)
+
+
+@register("head")
+class Head(Variant):
+    """Only the task head trains (a linear probe of the frozen backbone)."""
+
+    def _adapt(self, model: nn.Module) -> None:
+        if not self.cfg.train_head:
+            raise VariantError("variant 'head' needs train_head=True: it trains nothing else")
+        if not head_module_names(model, self.cfg.head):
+            names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+            raise VariantError(f"invalid option head={list(self.cfg.head)}: no such module in the model "
+                               f"(Linear modules: {', '.join(names[-5:])})")
