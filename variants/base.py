@@ -201,18 +201,26 @@ class Variant:
         """The tensors that, with the base checkpoint, reproduce the fine-tuned model."""
         return {n: p.detach() for n, p in trainable(model)}
 
-    def adapter_config(self, model: nn.Module) -> dict:
+    def variant_config(self) -> dict:
         return {"variant": self.name, **dataclasses.asdict(self.cfg)}
 
+    def peft_config(self, model: nn.Module) -> dict | None:
+        """peft's adapter_config.json for this adapter, where peft can load it; None otherwise."""
+        return None
+
     def save_adapter(self, model: nn.Module, directory: str | os.PathLike) -> int:
-        """Write ``adapter_model.safetensors`` + ``adapter_config.json``; returns the tensor bytes."""
+        """Write ``adapter_model.safetensors``, ``lorabench_variant.json`` (our options) and, where peft
+        can load the adapter, peft's ``adapter_config.json``. Returns the tensor bytes written."""
         from safetensors.torch import save_file
 
         os.makedirs(directory, exist_ok=True)
         state = {k: v.detach().contiguous().cpu() for k, v in self.adapter_state(model).items()}
         save_file(state, os.path.join(directory, "adapter_model.safetensors"))
-        with open(os.path.join(directory, "adapter_config.json"), "w") as f:
-            json.dump(self.adapter_config(model), f, indent=2, default=list)
+        configs = {"lorabench_variant.json": self.variant_config(), "adapter_config.json": self.peft_config(model)}
+        for fname, cfg in configs.items():
+            if cfg is not None:
+                with open(os.path.join(directory, fname), "w") as f:
+                    json.dump(cfg, f, indent=2, default=list)
         return sum(t.numel() * t.element_size() for t in state.values())
 
     def cost(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict:

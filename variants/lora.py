@@ -157,8 +157,8 @@ class LoRA(Variant):
                         state[f"base_model.model.{head}.{pname}"] = p.detach()
         return state
 
-    def adapter_config(self, model: nn.Module) -> dict:
-        """peft's LoraConfig fields, plus our own options under "lorabench"."""
+    def peft_config(self, model: nn.Module) -> dict:
+        """peft's LoraConfig fields, so that ``PeftModel.from_pretrained`` loads the saved adapter."""
         c = self.cfg
         heads = head_module_names(model, c.head) if c.train_head else []
         return {
@@ -168,6 +168,5 @@ class LoRA(Variant):
             "modules_to_save": [h.rpartition(".")[2] for h in heads] or None,
             "init_lora_weights": True if c.init == "kaiming" else "gaussian",
             "use_dora": self.use_dora, "bias": "none", "fan_in_fan_out": False,
-            "lorabench": super().adapter_config(model),
         }
 
