@@ -31,7 +31,6 @@ test-full: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check variants experiments tests
-	$(BIN)/ruff format --check variants experiments tests
 
 bench: $(STAMP)
 	$(BIN)/python -m experiments.bench

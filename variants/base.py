@@ -142,6 +142,7 @@ class Variant:
         self.cfg = self.Config(**options)
         self.cfg.validate()
         self.base_params: int | None = None  # parameter count of the model before apply()
+        self.target_modules: list[str] | None = None  # the modules apply() adapted, where targeted
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.cfg})"

@@ -1,1 +1,245 @@
-"""(in progress)"""
+"""GaLore (Zhao et al. 2024, "Memory-Efficient LLM Training by Gradient Low-Rank Projection").
+
+Full-parameter training whose Adam moments live in a rank-r subspace of each targeted weight's gradient:
+R = Pᵀ G (or G Pᵀ), Adam on R, the normalised update is projected back and scaled by α. The projector P
+holds the top-r singular vectors of G and is recomputed every ``update_proj_gap`` steps (Alg. 2).
+
+The step semantics are those of the reference implementation (galore-torch 1.0, a transformers-style
+AdamW) so that both give the same weights step for step:
+
+- bias correction folded into the step size, η·sqrt(1-β2^t)/(1-β1^t), with ε added after the square root
+  of the *uncorrected* second moment;
+- decoupled weight decay applied after the update, as W ← W - η·λ·W;
+- the moments are kept (not reset) when the projector is refreshed;
+- the SVD runs in float32 whatever the weight's dtype (float64 included); the projector is then cast back.
+
+The projector side follows galore-torch's ``proj_type``: ``std`` projects the smaller dimension of a
+weight W ∈ R^{m×n} (right, G Vᵣᵀ, when m ≥ n; left, Uᵣᵀ G, otherwise), ``reverse_std`` the larger one,
+``left``/``right`` force a side and ``full`` projects both (Uᵣᵀ G Vᵣᵀ, moments r×r).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .base import BaseConfig, Variant, VariantError, _check, _is_number, register, trainable
+
+PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
+_GALORE_KEYS = {"rank": 8, "update_proj_gap": 200, "scale": 0.25, "proj_type": "std"}
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _check_galore_options(rank, update_proj_gap, scale, proj_type) -> None:
+    _check(_is_int(rank) and rank > 0, "rank", rank, "a positive integer")
+    _check(_is_int(update_proj_gap) and update_proj_gap > 0, "update_proj_gap", update_proj_gap,
+           "a positive integer")
+    _check(_is_number(scale) and scale > 0, "scale", scale, "a positive number")
+    _check(proj_type in PROJ_TYPES, "proj_type", proj_type, " | ".join(PROJ_TYPES))
+
+
+# ----------------------------------------------------------------------------------------------- projector
+
+
+def projection_side(proj_type: str, shape: torch.Size | tuple[int, ...]) -> str:
+    """'left' (Uᵣᵀ G), 'right' (G Vᵣᵀ) or 'full' (both) for a gradient of ``shape``, as galore-torch picks."""
+    tall = shape[0] >= shape[1]
+    if proj_type == "std":
+        return "right" if tall else "left"
+    if proj_type == "reverse_std":
+        return "left" if tall else "right"
+    if proj_type in ("left", "right", "full"):
+        return proj_type
+    raise VariantError(f"invalid option proj_type={proj_type!r}: expected {' | '.join(PROJ_TYPES)}")
+
+
+def orthogonal_factors(grad: torch.Tensor, rank: int, side: str) -> dict[str, torch.Tensor]:
+    """The projector(s) for ``grad``: {"proj_u": Uᵣ (m×r)} and/or {"proj_v": Vᵣᵀ (r×n)}, in grad's dtype."""
+    # Alg. 2: U, S, V ← SVD(G_t); the SVD runs in float32 even for float64 weights (as galore-torch)
+    u, _, vh = torch.linalg.svd(grad.float(), full_matrices=False)
+    # copy=True: a compact tensor rather than a view pinning the whole U/Vh, in LAPACK's column-major
+    # layout (as galore-torch's cast leaves it), so matmuls take the same BLAS path and steps agree bitwise
+    out = {}
+    if side in ("left", "full"):
+        out["proj_u"] = u[:, :rank].to(grad.dtype, copy=True)  # Alg. 2: P_t ← U[:, :r]
+    if side in ("right", "full"):
+        out["proj_v"] = vh[:rank, :].to(grad.dtype, copy=True)  # the right-side analogue, Q_t ← V[:, :r]
+    return out
+
+
+def project(state: dict, grad: torch.Tensor, side: str) -> torch.Tensor:
+    """R_t = P_tᵀ G_t (left), G_t Q_t (right) or P_tᵀ G_t Q_t (full)  (Alg. 2: project into compact space)."""
+    if side == "left":
+        return torch.matmul(state["proj_u"].t(), grad)
+    if side == "right":
+        return torch.matmul(grad, state["proj_v"].t())
+    return torch.matmul(state["proj_u"].t(), grad) @ state["proj_v"].t()
+
+
+def project_back(state: dict, update: torch.Tensor, side: str, scale: float) -> torch.Tensor:
+    """G̃_t = α · P_t N_t (left), α · N_t Q_tᵀ (right), α · P_t N_t Q_tᵀ (full)  (Alg. 2: project back)."""
+    if side == "left":
+        full = torch.matmul(state["proj_u"], update)
+    elif side == "right":
+        full = torch.matmul(update, state["proj_v"])
+    else:
+        full = torch.matmul(state["proj_u"], update) @ state["proj_v"]
+    return full * scale
+
+
+# ----------------------------------------------------------------------------------------------- optimizer
+
+
+class GaLoreAdamW(torch.optim.Optimizer):
+    """AdamW whose groups holding a ``rank`` key are projected (GaLore); other groups get plain AdamW.
+
+    A projected group may also set ``update_proj_gap`` (T), ``scale`` (α) and ``proj_type``; missing keys
+    take galore-torch's defaults (200, 0.25, "std"). Its parameters must be 2-D with rank ≤ min(m, n).
+    State per parameter: ``step`` (an int, as galore-torch), ``exp_avg``/``exp_avg_sq`` (projected shape
+    in a projected group) and the projector tensor(s) ``proj_u`` (m×r) / ``proj_v`` (r×n).
+    """
+
+    def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-6, weight_decay: float = 0.0, correct_bias: bool = True):
+        _check(_is_number(lr) and lr >= 0, "lr", lr, "a number >= 0")
+        _check(len(betas) == 2 and all(_is_number(b) and 0 <= b < 1 for b in betas), "betas", betas,
+               "two numbers in [0, 1)")
+        _check(_is_number(eps) and eps >= 0, "eps", eps, "a number >= 0")
+        _check(_is_number(weight_decay) and weight_decay >= 0, "weight_decay", weight_decay, "a number >= 0")
+        defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay,
+                    "correct_bias": correct_bias}
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        if "rank" not in group:
+            return
+        for key, default in _GALORE_KEYS.items():
+            group.setdefault(key, default)
+        _check_galore_options(group["rank"], group["update_proj_gap"], group["scale"], group["proj_type"])
+        for p in group["params"]:
+            if p.ndim != 2:
+                raise VariantError(f"GaLore projects 2-D weights only; got a {tuple(p.shape)} parameter")
+            _check(group["rank"] <= min(p.shape), "rank", group["rank"],
+                   f"<= min{tuple(p.shape)} = {min(p.shape)} for a {p.shape[0]}x{p.shape[1]} weight")
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], torch.Tensor] | None = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            projected = "rank" in group
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                grad = p.grad
+                if grad.is_sparse:
+                    raise RuntimeError("GaLoreAdamW does not support sparse gradients")
+                state = self.state[p]
+                if "step" not in state:
+                    state["step"] = 0
+                if projected:
+                    side = projection_side(group["proj_type"], grad.shape)
+                    fresh = state["step"] % group["update_proj_gap"] == 0
+                    if fresh or not any(k in state for k in ("proj_u", "proj_v")):
+                        # Alg. 2: if t mod T = 0 then recompute P_t, else reuse P_{t-1}; moments are kept
+                        state.update(orthogonal_factors(grad, group["rank"], side))
+                    grad = project(state, grad, side)
+                if "exp_avg" not in state:
+                    state["exp_avg"] = torch.zeros_like(grad)  # Alg. 2: M_0 ← 0 (projected shape)
+                    state["exp_avg_sq"] = torch.zeros_like(grad)  # Alg. 2: V_0 ← 0
+                m, v = state["exp_avg"], state["exp_avg_sq"]
+                state["step"] += 1
+                t = state["step"]
+                m.mul_(beta1).add_(grad, alpha=1.0 - beta1)  # Alg. 2: M_t ← β1·M_{t-1} + (1-β1)·R_t
+                v.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)  # Alg. 2: V_t ← β2·V_{t-1}+(1-β2)·R_t²
+                denom = v.sqrt().add_(group["eps"])
+                step_size = group["lr"]
+                if group["correct_bias"]:  # Alg. 2's M_t/(1-β1^t), V_t/(1-β2^t), folded into η (galore-torch)
+                    step_size = step_size * math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t)
+                update = m / denom  # Alg. 2: N_t ← M_t / (√V_t + ε)
+                if projected:
+                    update = project_back(state, update, side, group["scale"])  # Alg. 2: G̃_t ← α·P_t N_t
+                p.add_(update, alpha=-step_size)  # Alg. 2: W_t ← W_{t-1} + η·G̃_t (G̃ is a descent direction)
+                if group["weight_decay"] > 0.0:  # decoupled decay after the update (galore-torch)
+                    p.add_(p, alpha=-group["lr"] * group["weight_decay"])
+        return loss
+
+
+# ----------------------------------------------------------------------------------------------- variant
+
+
+@dataclass
+class GaLoreConfig(BaseConfig):
+    rank: int = 8
+    targets: Any = "all-linear"  # suffix list | regex string | "all-linear" | preset name (targets.py)
+    update_proj_gap: int = 200  # T: the projector is recomputed every T steps of each weight
+    scale: float = 0.25  # α: the projected-back update is multiplied by α
+    proj_type: str = "std"  # std | reverse_std | left | right | full (galore-torch's names)
+
+    def validate(self) -> None:
+        super().validate()
+        _check_galore_options(self.rank, self.update_proj_gap, self.scale, self.proj_type)
+        _check(bool(self.targets), "targets", self.targets, "a non-empty module spec")
+
+
+@register("galore")
+class GaLore(Variant):
+    """Options: rank, targets, update_proj_gap, scale, proj_type.
+
+    Every parameter trains (``train_head`` does not freeze anything: GaLore is full-parameter training);
+    the targeted Linear weights get projected Adam states, everything else plain AdamW states.
+    """
+
+    Config = GaLoreConfig
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        self.base_params = sum(p.numel() for p in model.parameters())
+        self.target_modules = list(self._targeted_weights(model))  # Linear modules whose weight is projected
+        return model.requires_grad_(True)
+
+    def _targeted_weights(self, model: nn.Module) -> dict[str, nn.Parameter]:
+        """{module name: weight} of the targeted Linear layers; checks the rank fits each of them."""
+        out = {}
+        for name in self.target_names(model):
+            w = model.get_submodule(name).weight
+            if self.cfg.rank > min(w.shape):
+                raise VariantError(f"invalid option rank={self.cfg.rank}: expected <= {min(w.shape)}, "
+                                   f"the smaller side of {name!r} ({w.shape[0]}x{w.shape[1]})")
+            out[name] = w
+        return out
+
+    def param_groups(self, model: nn.Module, lr: float, weight_decay: float = 0.0) -> list[dict]:
+        """Plain groups as the base class (decay on matrices only) plus one projected group."""
+        targeted = {id(w) for w in self._targeted_weights(model).values()}
+        projected, decay, no_decay = [], [], []
+        for _, p in trainable(model):
+            if id(p) in targeted:
+                projected.append(p)
+            else:
+                (decay if p.ndim >= 2 else no_decay).append(p)
+        c = self.cfg
+        groups = [{"params": decay, "lr": lr, "weight_decay": weight_decay},
+                  {"params": no_decay, "lr": lr, "weight_decay": 0.0},
+                  {"params": projected, "lr": lr, "weight_decay": weight_decay, "rank": c.rank,
+                   "update_proj_gap": c.update_proj_gap, "scale": c.scale, "proj_type": c.proj_type}]
+        return [g for g in groups if g["params"]]
+
+    def optimizer(self, model: nn.Module, lr: float, weight_decay: float = 0.0,
+                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> torch.optim.Optimizer:
+        groups = self.param_groups(model, lr, weight_decay)
+        if not groups:
+            raise VariantError(f"variant {self.name!r} left no trainable parameter in the model")
+        return GaLoreAdamW(groups, lr=lr, betas=tuple(betas), eps=eps)

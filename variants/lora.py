@@ -129,7 +129,8 @@ class LoRA(Variant):
         return self.layer_cls(linear, c.rank, c.scale, c.dropout, c.init)
 
     def _adapt(self, model: nn.Module) -> None:
-        for layer in wrap_targets(model, self.target_names(model), self.make_layer).values():
+        self.target_modules = self.target_names(model)
+        for layer in wrap_targets(model, self.target_modules, self.make_layer).values():
             for n, p in layer.named_parameters():
                 p.requires_grad_(not n.startswith("base_layer."))
 

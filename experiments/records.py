@@ -1,0 +1,95 @@
+"""Run records: one JSON file per run, the source of truth (W&B is a view of it).
+
+``run_id`` is a stable hash of the resolved config without the keys that do not change the result
+(where outputs go, logging, ``force``), so re-running a finished config is detected and skipped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import tempfile
+from pathlib import Path
+
+SCHEMA = 1
+NON_SEMANTIC = ("results_dir", "logger", "force", "save_adapter", "progress", "hydra", "threads_per_job")
+
+
+def semantic_config(cfg: dict) -> dict:
+    return {k: v for k, v in cfg.items() if k not in NON_SEMANTIC}
+
+
+def run_id(cfg: dict) -> str:
+    blob = json.dumps(semantic_config(cfg), sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def group_id(cfg: dict) -> str:
+    """The run id without the seed: seeds of one setting share it (W&B group, aggregation)."""
+    return run_id({k: v for k, v in cfg.items() if k != "seed"})
+
+
+def record_path(results_dir: str | os.PathLike, rid: str) -> Path:
+    return Path(results_dir) / "runs" / f"{rid}.json"
+
+
+def load(path: str | os.PathLike) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+def finished(results_dir, rid: str) -> bool:
+    path = record_path(results_dir, rid)
+    try:
+        return load(path).get("status") == "ok"
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+def write(results_dir, record: dict) -> Path:
+    """Atomic: write a temp file in the same directory, then rename over the target."""
+    path = record_path(results_dir, record["run_id"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(record, f, indent=1, default=_jsonable)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _jsonable(x):
+    if hasattr(x, "tolist"):
+        return x.tolist()
+    return str(x)
+
+
+def environment(device: str) -> dict:
+    from importlib import metadata
+
+    import torch
+    import transformers
+
+    try:  # not imported: peft is only a test oracle, and importing it pulls bitsandbytes
+        peft_version = metadata.version("peft")
+    except metadata.PackageNotFoundError:
+        peft_version = None
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft_version,
+            "python": platform.python_version(), "git": _git_commit(), "device": device,
+            "threads": torch.get_num_threads()}
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).parent, timeout=5)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None

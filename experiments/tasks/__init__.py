@@ -1,0 +1,42 @@
+"""Tasks: each knows its data, its model and its metric, and nothing about variants.
+
+``build(name, **options) -> Task`` where a task bundles the model, the ``TaskData`` the trainer consumes,
+and what the variant needs to know about the model (its head, whether the head is new and must train).
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from experiments.trainer import TaskData
+
+TASKS = {"synthetic": "experiments.tasks.synthetic", "digits": "experiments.tasks.digits"}
+
+
+class TaskError(ValueError):
+    """Unknown task, bad task option or a missing asset (one-line message)."""
+
+
+@dataclass
+class Task:
+    name: str
+    model_name: str
+    model: nn.Module
+    data: TaskData
+    head: tuple[str, ...] = ()  # module names forming the task head
+    train_head: bool = True  # a newly initialised head must train; a pretrained/tied one need not
+    default_targets: object = "all-linear"
+    info: dict = field(default_factory=dict)
+
+
+def build(name: str, **options) -> Task:
+    if name not in TASKS:
+        raise TaskError(f"unknown task {name!r} (available: {', '.join(sorted(TASKS))})")
+    module = importlib.import_module(TASKS[name])
+    try:
+        return module.build(**options)
+    except TypeError as e:  # an option the task does not take
+        raise TaskError(f"task {name!r}: {e}") from None

@@ -1,0 +1,192 @@
+"""Entry point: ``python -m experiments.train variant=dora variant.rank=8 task=synthetic seed=1``.
+
+Compose the config, check it (bad input: one error line, nothing written), skip if a finished record
+exists, build task -> model -> variant, train with the shared trainer, write the record (``ok`` or
+``failed``). Multirun (``-m``) runs each job through the same path; a failing job never stops the others.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+import traceback
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+import variants
+from experiments import records, tasks
+from experiments.trainer import OptimConfig, fit, pick_device, seed_everything
+
+
+class ConfigError(ValueError):
+    """The configuration cannot describe a run (bad option, unknown name, targets matching nothing)."""
+
+
+def _variant(cfg: dict, task: tasks.Task | None = None) -> variants.Variant:
+    opts = dict(cfg["variant"])
+    name = opts.pop("name")
+    if task is not None:
+        opts.setdefault("head", task.head)
+        opts.setdefault("train_head", task.train_head)
+        if "targets" in opts and opts["targets"] is None:
+            opts["targets"] = task.default_targets
+    elif opts.get("targets", "") is None:
+        opts.pop("targets")
+    return variants.create(name, **opts)
+
+
+def _optim(cfg: dict) -> OptimConfig:
+    known = set(OptimConfig.__dataclass_fields__)
+    unknown = sorted(set(cfg["optim"]) - known)
+    if unknown:
+        raise ConfigError(f"unknown option optim.{unknown[0]} (options: {', '.join(sorted(known))})")
+    optim = OptimConfig(**cfg["optim"])
+    optim.validate()
+    return optim
+
+
+def check(cfg: dict) -> None:
+    """Everything that can be checked without building the model."""
+    _variant(cfg)
+    _optim(cfg)
+    if cfg["task"].get("name") not in tasks.TASKS:
+        raise tasks.TaskError(f"unknown task {cfg['task'].get('name')!r} (available: {', '.join(tasks.TASKS)})")
+
+
+def run(cfg: dict) -> dict:
+    """One run from a resolved config dict. Returns the record (also written unless it was skipped).
+
+    Raises ``ConfigError`` for bad input before anything is written (W&B included).
+    """
+    from experiments.wandb_log import WandbRun
+
+    try:
+        check(cfg)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    rid = records.run_id(cfg)
+    results_dir = cfg["results_dir"]
+    if records.finished(results_dir, rid) and not cfg.get("force", False):
+        print(f"[lorabench] skip {rid}: a finished record exists ({records.record_path(results_dir, rid)})")
+        return {**records.load(records.record_path(results_dir, rid)), "skipped": True}
+
+    if cfg.get("threads_per_job"):  # parallel sweeps: jobs x threads <= cores
+        import torch
+
+        torch.set_num_threads(int(cfg["threads_per_job"]))
+    device = str(pick_device(cfg.get("device", "auto")))
+    seed_everything(cfg["seed"])
+    task_opts = {k: v for k, v in cfg["task"].items() if k != "name"}
+    try:
+        task = tasks.build(cfg["task"]["name"], **task_opts)
+        variant = _variant(cfg, task)
+        model = variant.apply(task.model)
+    except ValueError as e:  # bad task option, targets that do not fit the model, missing asset
+        raise ConfigError(str(e)) from None
+
+    v = variant.cfg
+    record = {
+        "schema": records.SCHEMA, "run_id": rid, "group_id": records.group_id(cfg), "status": "running",
+        "error": None, "variant": variant.name, "task": task.name, "model": task.model_name,
+        "rank": getattr(v, "rank", None), "alpha": getattr(v, "alpha", None), "scaling": getattr(v, "scaling", None),
+        "targets": getattr(variant, "target_modules", None),
+        "lr": cfg["optim"]["lr"], "seed": cfg["seed"], "metrics": None, "history": [], "cost": None,
+        "task_info": task.info, "config": cfg, "env": records.environment(device),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    with WandbRun(cfg) as wb:
+        _train(cfg, task, variant, model, record, wb)
+    return record
+
+
+def _train(cfg, task, variant, model, record, wb) -> None:
+    results_dir, rid = cfg["results_dir"], record["run_id"]
+    try:
+        result = fit(model, variant, task.data, _optim(cfg), seed=cfg["seed"], device=record["env"]["device"],
+                     bf16=cfg.get("bf16", False), progress=cfg.get("progress"), log=wb.log)
+        record.update(result, status="ok")
+        extra = variant_summary(variant, model)
+        if extra:
+            record["variant_state"] = extra
+        if cfg.get("save_adapter"):
+            adapter_dir = records.record_path(results_dir, rid).with_suffix("")
+            record["cost"]["adapter_bytes"] = variant.save_adapter(model, adapter_dir)
+            record["adapter_dir"] = str(adapter_dir)
+    except Exception as e:  # the run failed: say so in its record, keep the sweep going
+        record.update(status="failed", error={
+            "type": type(e).__name__, "message": str(e).splitlines()[0] if str(e) else "",
+            "step": getattr(e, "step", None), "traceback": traceback.format_exc(limit=8),
+        })
+    record["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    records.write(results_dir, record)
+    wb.finish_with(record)
+
+
+def variant_summary(variant, model) -> dict | None:
+    """Method-specific state worth keeping in the record (e.g. AdaLoRA's final rank pattern)."""
+    summary = getattr(variant, "summary", None)
+    return summary(model) if callable(summary) else None
+
+
+def _print_result(record: dict) -> None:
+    if record.get("skipped"):
+        return
+    if record["status"] == "ok":
+        test = ", ".join(f"{k}={v:.4g}" for k, v in record["metrics"]["test"].items())
+        c = record["cost"]
+        print(f"[lorabench] ok {record['run_id']} {record['variant']} rank={record['rank']} seed={record['seed']}:"
+              f" test {test}; trainable {c['trainable_params']:,} ({c['trainable_pct']:.3f}%),"
+              f" {c['step_time_ms']:.1f} ms/step")
+    else:
+        err = record["error"]
+        print(f"[lorabench] FAILED {record['run_id']}: {err['type']}: {err['message']}", file=sys.stderr)
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    container = OmegaConf.to_container(cfg, resolve=True)
+    multirun = _is_multirun()
+    try:
+        record = run(container)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        if multirun:
+            _note_job({"status": "invalid", "error": str(e)})
+            return None
+        sys.exit(2)
+    _print_result(record)
+    if multirun:
+        status = "skipped" if record.get("skipped") else record["status"]
+        err = record.get("error") or {}
+        _note_job({"status": status, "run_id": record["run_id"],
+                   "error": f"{err.get('type')}: {err.get('message')}" if err else None})
+    if record["status"] != "ok" and not multirun:
+        sys.exit(1)
+    test = (record.get("metrics") or {}).get("test") or {}
+    return next(iter(test.values()), None)  # for sweepers that optimise a returned value
+
+
+def _note_job(entry: dict) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    from experiments.callbacks import note_job
+
+    hc = HydraConfig.get()
+    note_job(hc.sweep.dir, {"overrides": " ".join(hc.overrides.task), **entry})
+
+
+def _is_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    try:
+        return HydraConfig.get().mode == RunMode.MULTIRUN
+    except ValueError:
+        return False
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HYDRA_FULL_ERROR", "0")
+    main()

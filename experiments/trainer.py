@@ -1,0 +1,261 @@
+"""The one training loop every variant shares. It knows the variant *interface*, never a method's name.
+
+    task -> model -> variant.apply -> variant.optimizer -> loop(loss + variant.extra_loss,
+            backward, clip, optimizer.step, scheduler.step, variant.after_step, zero_grad) -> eval
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from variants import Variant
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or inf; the run stops and its record says at which step."""
+
+    def __init__(self, step: int, value: float):
+        super().__init__(f"non-finite loss {value} at step {step}")
+        self.step = step
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5e-4
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    schedule: str = "linear"  # constant | linear | cosine (after warmup)
+    warmup_ratio: float = 0.06
+    grad_clip: float = 1.0  # 0 disables
+    grad_accum: int = 1
+    batch_size: int = 16
+    eval_batch_size: int = 64
+    max_steps: int = 0  # > 0 wins over epochs
+    epochs: float = 1.0
+    eval_every: int = 0  # 0: evaluate at the end only
+    select_best: bool = False  # restore the trainable weights of the best validation evaluation
+    log_every: int = 10
+
+    def validate(self) -> None:
+        def need(ok, name, expected):
+            if not ok:
+                raise ValueError(f"invalid option optim.{name}={getattr(self, name)!r}: expected {expected}")
+
+        need(self.lr > 0, "lr", "a positive number")
+        need(self.weight_decay >= 0, "weight_decay", ">= 0")
+        need(self.schedule in ("constant", "linear", "cosine"), "schedule", "constant, linear or cosine")
+        need(0 <= self.warmup_ratio < 1, "warmup_ratio", "in [0, 1)")
+        need(self.grad_clip >= 0, "grad_clip", ">= 0")
+        need(self.grad_accum >= 1, "grad_accum", ">= 1")
+        need(self.batch_size >= 1, "batch_size", ">= 1")
+        need(self.eval_batch_size >= 1, "eval_batch_size", ">= 1")
+        need(self.max_steps > 0 or self.epochs > 0, "max_steps", "> 0 (or epochs > 0)")
+
+
+@dataclass
+class TaskData:
+    """What a task hands the trainer: splits, batching, the loss and the metrics."""
+
+    train: torch.utils.data.Dataset
+    val: torch.utils.data.Dataset
+    test: torch.utils.data.Dataset
+    loss: Callable[[nn.Module, dict], torch.Tensor]
+    evaluate: Callable[[nn.Module, DataLoader], dict]  # -> {"accuracy": ..., ...}
+    main_metric: str  # e.g. "accuracy", "perplexity"
+    higher_is_better: bool = True
+    collate: Callable | None = None
+    info: dict = field(default_factory=dict)  # e.g. data fingerprint, split sizes
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.cuda.manual_seed_all(seed)
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def lr_lambda(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        if schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        if schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+        return 1.0
+
+    return f
+
+
+def total_steps(cfg: OptimConfig, n_train: int) -> int:
+    if cfg.max_steps > 0:
+        return cfg.max_steps
+    per_epoch = math.ceil(n_train / (cfg.batch_size * cfg.grad_accum))
+    return max(1, math.ceil(cfg.epochs * per_epoch))
+
+
+def _batches(loader: DataLoader) -> Iterator[dict]:
+    while True:  # epochs back to back; the loader's seeded generator makes the order reproducible
+        yield from loader
+
+
+def to_device(batch, device):
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    return batch.to(device, non_blocking=True) if torch.is_tensor(batch) else batch
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    try:  # peak resident set of this process (Linux reports KiB)
+        import resource
+
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+    except Exception:  # pragma: no cover - non-POSIX
+        return 0
+
+
+def fit(model: nn.Module, variant: Variant, data: TaskData, cfg: OptimConfig, *, seed: int = 0,
+        device: str | torch.device = "auto", bf16: bool = False, progress: bool | None = None,
+        log: Callable[[dict, int], None] | None = None) -> dict:
+    """Train ``model`` (already adapted by ``variant``) and evaluate it. Returns metrics, history, cost."""
+    cfg.validate()
+    device = pick_device(device) if isinstance(device, str) else device
+    model.to(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    log = log or (lambda metrics, step: None)
+    gen = torch.Generator().manual_seed(seed)
+    train_loader = DataLoader(data.train, batch_size=cfg.batch_size, shuffle=True, generator=gen,
+                              collate_fn=data.collate, drop_last=len(data.train) > cfg.batch_size)
+
+    def evaluate(split) -> dict:
+        loader = DataLoader(split, batch_size=cfg.eval_batch_size, collate_fn=data.collate)
+        model.eval()
+        with torch.inference_mode(), _autocast(device, bf16):
+            metrics = data.evaluate(model, _Moved(loader, device))
+        model.train()
+        return {k: float(v) for k, v in metrics.items()}
+
+    steps = total_steps(cfg, len(data.train))
+    opt = variant.optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.betas),
+                            eps=cfg.eps)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.schedule, int(cfg.warmup_ratio * steps), steps))
+    params = [p for p in model.parameters() if p.requires_grad]
+    history, best, best_state = [], None, None
+    step_times: list[float] = []
+    batches = _batches(train_loader)
+    show = _show_progress() if progress is None else progress
+    bar = _progress(steps, show)
+    model.train()
+    t_start = time.perf_counter()
+    for step in range(steps):
+        t0 = time.perf_counter()
+        loss_sum = 0.0
+        for _ in range(cfg.grad_accum):
+            batch = to_device(next(batches), device)
+            with _autocast(device, bf16):
+                loss = data.loss(model, batch) + variant.extra_loss(model)
+            if not torch.isfinite(loss):
+                raise NonFiniteLoss(step + 1, loss.item())  # 1-based, as in the history
+            (loss / cfg.grad_accum).backward()
+            loss_sum += loss.item() / cfg.grad_accum
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        sched.step()
+        variant.after_step(model, step, steps)  # gradients are still present here (AdaLoRA needs them)
+        opt.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        step_times.append(time.perf_counter() - t0)
+        lr = opt.param_groups[0]["lr"]
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_sum:.4f}", it_s=f"{1 / max(step_times[-1], 1e-9):.2f}")
+        entry = {"step": step + 1, "loss": loss_sum}
+        if (step + 1) % cfg.log_every == 0 or step + 1 == steps:
+            log({"train/loss": loss_sum, "train/lr": lr}, step + 1)
+        if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < steps:
+            val = evaluate(data.val)
+            entry.update({f"val_{k}": v for k, v in val.items()})
+            log({f"val/{k}": v for k, v in val.items()}, step + 1)
+            if cfg.select_best and _better(val[data.main_metric], best, data.higher_is_better):
+                best = val[data.main_metric]
+                best_state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        history.append(entry)
+    bar.close()
+    train_time = time.perf_counter() - t_start
+    val = evaluate(data.val)
+    if cfg.select_best and best_state is not None and not _better(val[data.main_metric], best,
+                                                                  data.higher_is_better):
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if n in best_state:
+                    p.copy_(best_state[n])
+        val = evaluate(data.val)
+    test = evaluate(data.test)
+    history[-1].update({f"val_{k}": v for k, v in val.items()})
+    log({**{f"val/{k}": v for k, v in val.items()}, **{f"test/{k}": v for k, v in test.items()}}, steps)
+    cost = variant.cost(model, opt)
+    warm = step_times[1:] or step_times  # the first step pays one-off allocation costs
+    cost.update(peak_memory_bytes=peak_memory_bytes(device), train_time_s=train_time,
+                step_time_ms=1000 * float(np.mean(warm)), steps=steps)
+    return {"metrics": {"val": val, "test": test}, "history": _compact(history), "cost": cost}
+
+
+def _better(value, best, higher) -> bool:
+    return best is None or (value > best if higher else value < best)
+
+
+def _compact(history: list[dict], keep: int = 200) -> list[dict]:
+    """At most ~``keep`` entries: every k-th step plus every evaluation and the last step."""
+    k = max(1, math.ceil(len(history) / keep))
+    return [h for i, h in enumerate(history) if i % k == k - 1 or len(h) > 2 or i == len(history) - 1]
+
+
+class _Moved:
+    """A loader whose batches arrive on ``device``."""
+
+    def __init__(self, loader, device):
+        self.loader, self.device = loader, device
+
+    def __iter__(self):
+        return (to_device(b, self.device) for b in self.loader)
+
+    def __len__(self):
+        return len(self.loader)
+
+
+def _autocast(device: torch.device, bf16: bool):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and device.type == "cuda")
+
+
+def _show_progress() -> bool:
+    import sys
+
+    return sys.stderr.isatty() and not os.environ.get("LORABENCH_NO_PROGRESS")
+
+
+def _progress(total: int, show: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, disable=not show, desc="train", leave=False, dynamic_ncols=True)

@@ -1,0 +1,272 @@
+"""GaLore: step-for-step parity with galore-torch's GaLoreAdamW, optimizer-state bytes, rank of the update,
+state_dict round trip and option validation.
+
+Models are float64 so that the comparisons are tight; galore-torch still runs its SVD in float32 for a
+float64 gradient (it casts every non-float32 matrix to float32 before ``torch.linalg.svd`` and the
+projector back afterwards), and so does ours: ``test_svd_runs_in_float32`` pins that down.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import variants
+from tests.tiny import loss_of, mlp, mlp_batch, tiny_bert, token_batch
+from variants import VariantError, optimizer_state_bytes
+from variants.galore import GaLoreAdamW
+
+galore_torch = pytest.importorskip("galore_torch")
+
+LR, WD, EPS = 1e-3, 0.1, 1e-6
+MLP_TARGETS = ["0", "4"]  # 1000x784 (tall: right projector) and 10x2000 (wide: left); "2" stays plain
+MLP_RANK, MLP_GAP, MLP_STEPS = 4, 2, 5  # projector computed at steps 0, 2 and 4
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """LAPACK's SVD slows down many-fold when its threads compete for 2 cores (pytest-xdist, other jobs)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _mlp64():
+    return mlp().double()
+
+
+def _mlp_batches(n):
+    return [{"x": b["x"].double(), "y": b["y"]} for b in (mlp_batch(seed=10 + i) for i in range(n))]
+
+
+def _bert_batches(n):
+    return [token_batch(seed=10 + i) for i in range(n)]
+
+
+def _reference(opt: torch.optim.Optimizer, model: nn.Module, ref_model: nn.Module):
+    """galore_torch.GaLoreAdamW over ``ref_model`` with exactly ``opt``'s groups and hyperparameters."""
+    by_id = dict(zip([id(p) for p in model.parameters()], ref_model.parameters(), strict=True))
+    groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [by_id[id(p)] for p in g["params"]]}
+              for g in opt.param_groups]
+    return galore_torch.GaLoreAdamW(groups, lr=LR, no_deprecation_warning=True)
+
+
+def _train_step(model, opt, batch):
+    loss_of(model, batch).backward()
+    opt.step()
+
+
+def _max_diff(a: nn.Module, b: nn.Module) -> float:
+    return max((p - q).abs().max().item() for p, q in zip(a.parameters(), b.parameters(), strict=True))
+
+
+def _run_pair(model, variant, batches):
+    """Train ``model`` with the variant's optimizer and a deepcopy with galore-torch; per-step max diffs."""
+    ref_model = copy.deepcopy(model)
+    opt = variant.optimizer(model, lr=LR, weight_decay=WD, eps=EPS)
+    ref = _reference(opt, model, ref_model)
+    diffs, snapshots = [], []
+    for batch in batches:
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        _train_step(model, opt, batch)
+        _train_step(ref_model, ref, batch)
+        diffs.append(_max_diff(model, ref_model))
+        snapshots.append((before, {id(p): {k: (v.clone() if torch.is_tensor(v) else v)
+                                           for k, v in opt.state[p].items()} for p in model.parameters()}))
+        opt.zero_grad()
+        ref.zero_grad()
+    return opt, ref, diffs, snapshots
+
+
+# --------------------------------------------------------------------------------------------- MLP run
+
+
+@pytest.fixture(scope="module")
+def mlp_run():
+    model = _mlp64()
+    v = variants.create("galore", rank=MLP_RANK, targets=MLP_TARGETS, update_proj_gap=MLP_GAP)
+    v.apply(model)
+    opt, ref, diffs, snapshots = _run_pair(model, v, _mlp_batches(MLP_STEPS))
+    return {"model": model, "variant": v, "opt": opt, "ref": ref, "diffs": diffs, "snapshots": snapshots}
+
+
+def test_parity_mlp(mlp_run):
+    diffs, opt, model = mlp_run["diffs"], mlp_run["opt"], mlp_run["model"]
+    print(f"GaLore vs galore-torch, MLP float64, per-step max |dW|: {diffs}")
+    assert max(diffs) <= 1e-12, diffs
+    # the run really crossed projector refreshes, on both sides
+    w0, w4 = model[0].weight, model[4].weight
+    assert set(opt.state[w0]) >= {"proj_v"} and "proj_u" not in opt.state[w0]  # 1000x784: G Vᵣᵀ
+    assert set(opt.state[w4]) >= {"proj_u"} and "proj_v" not in opt.state[w4]  # 10x2000: Uᵣᵀ G
+    snaps = [s[1] for s in mlp_run["snapshots"]]
+    pv = [s[id(w0)]["proj_v"] for s in snaps]  # projector after steps 1..5 (computed at steps 0, 2, 4)
+    assert torch.equal(pv[0], pv[1]) and torch.equal(pv[2], pv[3])  # reused between refreshes
+    assert not torch.allclose(pv[1], pv[2]) and not torch.allclose(pv[3], pv[4])  # recomputed
+    # and the weights moved by far more than the tolerance
+    assert _max_diff(model, _mlp64()) > 1e-4
+
+
+def test_optimizer_state_bytes_mlp(mlp_run):
+    model, opt, ref = mlp_run["model"], mlp_run["opt"], mlp_run["ref"]
+    esize = model[0].weight.element_size()
+    expected = 0
+    for name, p in model.named_parameters():
+        if name.rpartition(".")[0] in MLP_TARGETS and p.ndim == 2:
+            m, n = p.shape
+            moments = m * MLP_RANK if m >= n else MLP_RANK * n  # std: the smaller side becomes r
+            projector = MLP_RANK * n if m >= n else m * MLP_RANK
+            expected += (2 * moments + projector) * esize
+        else:
+            expected += 2 * p.numel() * esize  # plain AdamW moments; "step" is an int (0 bytes)
+    ours = optimizer_state_bytes(opt)
+    theirs = optimizer_state_bytes(ref)
+    adamw_model = _mlp64()
+    adamw = torch.optim.AdamW(adamw_model.parameters(), lr=LR)
+    _train_step(adamw_model, adamw, _mlp_batches(1)[0])
+    plain = optimizer_state_bytes(adamw)
+    print(f"optimizer state bytes, MLP float64: GaLore {ours}, galore-torch {theirs}, AdamW {plain}")
+    assert ours == expected == theirs
+    assert ours < plain
+    assert plain == 2 * sum(p.numel() for p in model.parameters()) * esize + 4 * len(list(model.parameters()))
+
+
+def _sketched_singular_values(delta: torch.Tensor, k: int) -> torch.Tensor:
+    """Singular values of delta·Ω, Ω a Gaussian n×k: rank(delta·Ω) = min(rank(delta), k) almost surely."""
+    omega = torch.randn(delta.shape[1], k, generator=torch.Generator().manual_seed(0), dtype=delta.dtype)
+    return torch.linalg.svdvals(delta @ omega)
+
+
+def test_update_rank_mlp(mlp_run):
+    """After one step W1/(1-ηλ) - W0 = -η'·α·(projected-back update) has rank <= r (plain AdamW: high)."""
+    before = mlp_run["snapshots"][0][0]
+    after = mlp_run["snapshots"][1][0]  # the weights before step 2 are the weights after step 1
+    k = 3 * MLP_RANK
+    ranks = {}
+    for name in ("0.weight", "4.weight", "2.weight"):
+        delta = after[name] / (1 - LR * WD) - before[name]  # undo the decoupled decay applied after it
+        s = _sketched_singular_values(delta, k)
+        ranks[name] = int((s > 1e-9 * s[0]).sum())
+        print(f"{name}: sketched singular values / largest: {(s / s[0]).tolist()}")
+    print(f"rank of the first update (r={MLP_RANK}, sketch width {k}): {ranks}")
+    assert 0 < ranks["0.weight"] <= MLP_RANK and 0 < ranks["4.weight"] <= MLP_RANK
+    assert ranks["2.weight"] == k  # the non-targeted 2000x1000 matrix gets an ordinary, high-rank Adam step
+
+
+# --------------------------------------------------------------------------------------------- BERT
+
+
+@pytest.mark.parametrize("proj_type", ["std", "reverse_std", "left", "right", "full"])
+def test_parity_bert(proj_type):
+    model = tiny_bert(dtype=torch.float64)
+    v = variants.create("galore", rank=4, targets="all-linear", update_proj_gap=2, proj_type=proj_type)
+    v.apply(model)
+    opt, ref, diffs, _ = _run_pair(model, v, _bert_batches(6))
+    print(f"GaLore vs galore-torch, tiny BERT float64, proj_type={proj_type}: per-step max |dW| {diffs}")
+    assert max(diffs) <= 1e-12, diffs
+    assert _max_diff(model, tiny_bert(dtype=torch.float64)) > 1e-4
+    inter = model.bert.encoder.layer[0].intermediate.dense.weight  # 37x32, tall
+    out = model.bert.encoder.layer[0].output.dense.weight  # 32x37, wide
+    sides = {"std": ({"proj_v"}, {"proj_u"}), "reverse_std": ({"proj_u"}, {"proj_v"}),
+             "left": ({"proj_u"}, {"proj_u"}), "right": ({"proj_v"}, {"proj_v"}),
+             "full": ({"proj_u", "proj_v"}, {"proj_u", "proj_v"})}[proj_type]
+    for w, keys in zip((inter, out), sides, strict=True):
+        assert {k for k in opt.state[w] if k.startswith("proj_")} == keys
+    assert optimizer_state_bytes(opt) == optimizer_state_bytes(ref)
+
+
+def test_svd_runs_in_float32():
+    """For a float64 weight the projector comes from a float32 SVD (as galore-torch), cast to float64."""
+    model = tiny_bert(dtype=torch.float64)
+    v = variants.create("galore", rank=4, targets=["intermediate.dense"])
+    v.apply(model)
+    opt = v.optimizer(model, lr=LR)
+    _train_step(model, opt, _bert_batches(1)[0])
+    w = model.bert.encoder.layer[0].intermediate.dense.weight
+    proj = opt.state[w]["proj_v"]
+    assert proj.dtype == torch.float64 and proj.shape == (4, 32)
+    assert torch.equal(proj, proj.float().double())  # float32 values
+    torch.testing.assert_close(proj @ proj.T, torch.eye(4, dtype=torch.float64), atol=1e-6, rtol=0)
+
+
+def test_state_dict_round_trip():
+    """Save after 3 steps, load into a fresh optimizer, go on across a refresh: same as uninterrupted."""
+    batches = _bert_batches(6)
+    v = variants.create("galore", rank=4, targets="all-linear", update_proj_gap=2)
+    model = v.apply(tiny_bert(dtype=torch.float64))
+    opt = v.optimizer(model, lr=LR, weight_decay=WD)
+    for b in batches[:3]:
+        _train_step(model, opt, b)
+        opt.zero_grad()
+    saved = copy.deepcopy(opt.state_dict())
+    resumed = copy.deepcopy(model)
+    opt2 = v.optimizer(resumed, lr=LR, weight_decay=WD)
+    opt2.load_state_dict(saved)
+    w = resumed.bert.encoder.layer[0].output.dense.weight
+    assert opt2.state[w]["step"] == 3 and opt2.state[w]["proj_u"].shape == (32, 4)
+    for b in batches[3:]:
+        for m, o in ((model, opt), (resumed, opt2)):
+            _train_step(m, o, b)
+            o.zero_grad()
+    assert _max_diff(model, resumed) == 0.0
+
+
+def test_variant_groups_and_cost():
+    model = tiny_bert()
+    v = variants.create("galore", rank=4, targets=["query", "value"])
+    model.requires_grad_(False)
+    v.apply(model)
+    assert all(p.requires_grad for p in model.parameters())
+    opt = v.optimizer(model, lr=LR, weight_decay=WD)
+    assert isinstance(opt, GaLoreAdamW)
+    proj = [g for g in opt.param_groups if "rank" in g]
+    assert len(proj) == 1 and proj[0]["weight_decay"] == WD
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert sorted(names[id(p)] for p in proj[0]["params"]) == sorted(
+        f"bert.encoder.layer.{i}.attention.self.{k}.weight" for i in range(2) for k in ("query", "value"))
+    assert v.target_modules == [f"bert.encoder.layer.{i}.attention.self.{k}" for i in range(2)
+                                for k in ("query", "value")]
+    cost = v.cost(model, opt)
+    assert cost["trainable_params"] == cost["base_params"] == cost["total_params"]
+    assert all(g["weight_decay"] == 0.0 for g in opt.param_groups if any(p.ndim < 2 for p in g["params"]))
+
+
+# --------------------------------------------------------------------------------------------- options
+
+
+@pytest.mark.parametrize("options, option", [
+    ({"rank": 0}, "rank"), ({"rank": -2}, "rank"), ({"rank": 2.5}, "rank"), ({"rank": True}, "rank"),
+    ({"proj_type": "diagonal"}, "proj_type"),
+    ({"update_proj_gap": 0}, "update_proj_gap"), ({"update_proj_gap": -5}, "update_proj_gap"),
+    ({"scale": 0}, "scale"), ({"scale": -0.25}, "scale"), ({"scale": float("nan")}, "scale"),
+    ({"targets": []}, "targets"),
+])
+def test_bad_options(options, option):
+    with pytest.raises(VariantError, match=rf"^invalid option {option}="):
+        variants.create("galore", **options)
+
+
+def test_rank_larger_than_a_target():
+    v = variants.create("galore", rank=33, targets=["query"])  # query is 32x32
+    with pytest.raises(VariantError, match=r"invalid option rank=33.*<= 32"):
+        v.apply(tiny_bert())
+    v = variants.create("galore", rank=33, targets="all-linear")  # intermediate.dense is 37x32
+    with pytest.raises(VariantError, match="rank"):
+        v.optimizer(tiny_bert(), lr=LR)
+
+
+def test_optimizer_rejects_bad_groups():
+    w = nn.Parameter(torch.zeros(6, 3))
+    with pytest.raises(VariantError, match="rank"):
+        GaLoreAdamW([{"params": [w], "rank": 4}])
+    with pytest.raises(VariantError, match="2-D"):
+        GaLoreAdamW([{"params": [nn.Parameter(torch.zeros(6))], "rank": 1}])
+    with pytest.raises(VariantError, match="proj_type"):
+        GaLoreAdamW([{"params": [w], "rank": 2, "proj_type": "diagonal"}])
+    opt = GaLoreAdamW([{"params": [w], "rank": 2}])
+    assert {k: opt.param_groups[0][k] for k in ("update_proj_gap", "scale", "proj_type")} == {
+        "update_proj_gap": 200, "scale": 0.25, "proj_type": "std"}
+    assert opt.defaults["eps"] == 1e-6

@@ -1,0 +1,136 @@
+"""The Hydra entry point, the shared trainer and the run records, on the seconds-long synthetic task."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+import variants
+from experiments import records, tasks
+from experiments.train import ConfigError, run
+
+CONF = str(Path(__file__).resolve().parents[1] / "conf")
+ROOT = Path(__file__).resolve().parents[1]
+VARIANT_CONFIGS = sorted(p.stem for p in (ROOT / "conf" / "variant").glob("*.yaml"))
+TASK_CONFIGS = sorted(p.stem for p in (ROOT / "conf" / "task").glob("*.yaml"))
+FAST = ["optim.max_steps=30", "task.n_train=256", "task.n_val=64", "task.n_test=64", "logger=none"]
+
+
+def config(tmp_path, *overrides) -> dict:
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose("train", overrides=[f"results_dir={tmp_path}", *overrides])
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def test_every_registered_variant_has_a_config():
+    assert VARIANT_CONFIGS == variants.available()
+
+
+@pytest.mark.parametrize("task", TASK_CONFIGS)
+@pytest.mark.parametrize("variant", VARIANT_CONFIGS)
+def test_every_variant_composes_with_every_task_and_builds(variant, task, tmp_path):
+    cfg = config(tmp_path, f"variant={variant}", f"task={task}")
+    assert cfg["variant"]["name"] == variant
+    t = tasks.build(task, **{k: v for k, v in cfg["task"].items() if k != "name"})
+    from experiments.train import _variant
+
+    v = _variant(cfg, t)
+    if variant == "head" and not t.head:  # the synthetic teacher has no head to probe
+        with pytest.raises(variants.VariantError, match="train_head"):
+            v.apply(t.model)
+        return
+    model = v.apply(t.model)
+    assert v.cost(model)["trainable_params"] > 0
+
+
+@pytest.mark.parametrize("variant", [v for v in VARIANT_CONFIGS if v != "head"])  # no head to probe
+def test_end_to_end_on_synthetic_writes_an_ok_record(variant, tmp_path):
+    record = run(config(tmp_path, f"variant={variant}", *FAST))
+    assert record["status"] == "ok", record["error"]
+    on_disk = records.load(records.record_path(tmp_path, record["run_id"]))
+    assert on_disk["schema"] == 1 and on_disk["variant"] == variant and on_disk["task"] == "synthetic"
+    assert set(on_disk["metrics"]) == {"val", "test"} and "fit" in on_disk["metrics"]["test"]
+    for key in ("trainable_params", "total_params", "trainable_pct", "optimizer_state_bytes",
+                "peak_memory_bytes", "train_time_s", "step_time_ms", "adapter_bytes"):
+        assert on_disk["cost"][key] is not None, key
+    assert on_disk["history"][-1]["step"] == 30 and on_disk["env"]["torch"]
+
+
+def test_rank_at_least_true_rank_fits_the_teacher_and_lower_rank_cannot(tmp_path):
+    fit = {r: run(config(tmp_path, "variant=lora", f"variant.rank={r}", f"variant.alpha={r}", "logger=none",
+                         "variant.dropout=0", "task.true_rank=4"))["metrics"]["test"]["fit"] for r in (2, 4)}
+    assert fit[4] > 0.99  # the rank-4 update is representable
+    assert fit[2] < 0.55  # Eckart-Young: at most 2/4 of an equal-spectrum rank-4 update
+
+
+def test_rerun_skips_and_force_reruns(tmp_path, capsys):
+    first = run(config(tmp_path, *FAST))
+    assert run(config(tmp_path, *FAST)).get("skipped")
+    assert "skip" in capsys.readouterr().out
+    assert not run(config(tmp_path, *FAST, "force=true")).get("skipped")
+    assert first["run_id"] == records.run_id(config(tmp_path / "elsewhere", *FAST, "logger=wandb"))
+
+
+def test_same_config_and_seed_give_identical_metrics(tmp_path):
+    a = run(config(tmp_path / "a", "variant=dora", *FAST))
+    b = run(config(tmp_path / "b", "variant=dora", *FAST))
+    c = run(config(tmp_path / "c", "variant=dora", *FAST, "seed=1"))
+    assert a["metrics"] == b["metrics"] and a["history"] == b["history"]
+    assert a["metrics"] != c["metrics"]
+
+
+def test_non_finite_loss_writes_a_failed_record_naming_the_step(tmp_path):
+    record = run(config(tmp_path, *FAST, "optim.lr=1e30"))
+    assert record["status"] == "failed" and record["error"]["type"] == "NonFiniteLoss"
+    assert record["error"]["step"] >= 1 and f"step {record['error']['step']}" in record["error"]["message"]
+    assert records.load(records.record_path(tmp_path, record["run_id"]))["status"] == "failed"
+    assert not records.finished(tmp_path, record["run_id"])  # a failed run is retried next time
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("variant.rank=0", "rank=0"),
+    ("optim.lr=0", "optim.lr=0"),
+    ("variant.targets=[nothing]", "matched no module"),
+    ("+optim.momentum=0.9", "optim.momentum"),
+    ("task.true_rank=1000", "task.true_rank=1000"),
+    ("+task.bogus=1", "bogus"),
+])
+def test_bad_input_raises_one_line_and_writes_nothing(override, fragment, tmp_path):
+    with pytest.raises(ConfigError) as err:
+        run(config(tmp_path, override))
+    assert fragment in str(err.value) and "\n" not in str(err.value)
+    assert not any(tmp_path.iterdir())
+
+
+def _cli(tmp_path, *args):
+    env = {**os.environ, "WANDB_MODE": "disabled", "LORABENCH_NO_PROGRESS": "1"}
+    return subprocess.run([sys.executable, "-m", "experiments.train", *args, f"results_dir={tmp_path}", *FAST],
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+
+
+def test_cli_bad_input_is_one_error_line_and_exit_2(tmp_path):
+    out = _cli(tmp_path, "variant.rank=-2")
+    assert out.returncode == 2 and out.stderr.strip().splitlines()[-1] == (
+        "error: invalid option rank=-2: expected a positive integer")
+    assert "Traceback" not in out.stderr and not any(tmp_path.iterdir())
+
+
+def test_multirun_2x2_writes_4_records_and_a_failure_does_not_stop_the_sweep(tmp_path):
+    out = _cli(tmp_path, "-m", "variant=lora,dora", "variant.rank=2,4")
+    assert out.returncode == 0, out.stderr
+    runs = [json.loads(p.read_text()) for p in (tmp_path / "runs").glob("*.json")]
+    assert len(runs) == 4 and {r["status"] for r in runs} == {"ok"}
+    assert {(r["variant"], r["rank"]) for r in runs} == {(v, r) for v in ("lora", "dora") for r in (2, 4)}
+
+    out = _cli(tmp_path, "-m", "variant=lora", "optim.lr=1e30,0.02", "variant.rank=3")
+    assert out.returncode == 0, out.stderr
+    assert "1 ok, 0 skipped, 1 failed" in out.stdout
+    statuses = sorted(json.loads(p.read_text())["status"] for p in (tmp_path / "runs").glob("*.json"))
+    assert statuses == ["failed"] + ["ok"] * 5
