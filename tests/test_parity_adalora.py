@@ -30,14 +30,6 @@ LR = 2e-2
 ADA = "default"  # peft's adapter name
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny float64 ops: one thread is ~10x faster than two on a busy 2-core machine (and deterministic)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def make_pair(dtype=F64, seed=0, targets=TARGETS, orth_reg_weight=0.5, task_type="SEQ_CLS", model=tiny_bert):
     """(base, variant, our model, peft model); peft's init is copied into ours."""

@@ -26,14 +26,6 @@ MLP_TARGETS = ["0", "4"]  # 1000x784 (tall: right projector) and 10x2000 (wide: 
 MLP_RANK, MLP_GAP, MLP_STEPS = 4, 2, 5  # projector computed at steps 0, 2 and 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """LAPACK's SVD slows down many-fold when its threads compete for 2 cores (pytest-xdist, other jobs)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _mlp64():
     return mlp().double()

@@ -348,12 +348,7 @@ class AdaLoRA(LoRA):
                 a, b, e = a[keep], b[:, keep], e[keep]
             prefix = f"base_model.model.{name}"
             state.update({f"{prefix}.lora_A": a, f"{prefix}.lora_B": b, f"{prefix}.lora_E": e})
-        if self.cfg.train_head:
-            for head in head_module_names(model, self.cfg.head):
-                for pname, p in model.get_submodule(head).named_parameters():
-                    if p.requires_grad:
-                        state[f"base_model.model.{head}.{pname}"] = p.detach()
-        return state
+        return {**state, **self.head_state(model)}
 
     def peft_config(self, model: nn.Module) -> dict:
         """peft's AdaLoraConfig fields, so that ``PeftModel.from_pretrained`` loads the saved adapter."""

@@ -165,6 +165,7 @@ class Variant:
         return resolve_targets(model, self.cfg.targets, head=self.cfg.head)
 
     # -- 2. optimizer ---------------------------------------------------------------------------------
+    optimizer_class: ClassVar[type[torch.optim.Optimizer]] = torch.optim.AdamW
     def param_groups(self, model: nn.Module, lr: float, weight_decay: float = 0.0) -> list[dict]:
         """Weight decay on matrices only (biases, norms, DoRA magnitudes and scalars are not decayed)."""
         decay, no_decay = [], []
@@ -179,7 +180,7 @@ class Variant:
         groups = self.param_groups(model, lr, weight_decay)
         if not groups:
             raise VariantError(f"variant {self.name!r} left no trainable parameter in the model")
-        return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps)
+        return self.optimizer_class(groups, lr=lr, betas=tuple(betas), eps=eps)
 
     # -- 3. per-step hooks ----------------------------------------------------------------------------
     def extra_loss(self, model: nn.Module) -> torch.Tensor | float:

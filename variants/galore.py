@@ -203,6 +203,8 @@ class GaLore(Variant):
     the targeted Linear weights get projected Adam states, everything else plain AdamW states.
     """
 
+    optimizer_class = GaLoreAdamW
+
     Config = GaLoreConfig
 
     def apply(self, model: nn.Module) -> nn.Module:
@@ -236,10 +238,3 @@ class GaLore(Variant):
                   {"params": projected, "lr": lr, "weight_decay": weight_decay, "rank": c.rank,
                    "update_proj_gap": c.update_proj_gap, "scale": c.scale, "proj_type": c.proj_type}]
         return [g for g in groups if g["params"]]
-
-    def optimizer(self, model: nn.Module, lr: float, weight_decay: float = 0.0,
-                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> torch.optim.Optimizer:
-        groups = self.param_groups(model, lr, weight_decay)
-        if not groups:
-            raise VariantError(f"variant {self.name!r} left no trainable parameter in the model")
-        return GaLoreAdamW(groups, lr=lr, betas=tuple(betas), eps=eps)

@@ -151,7 +151,12 @@ class LoRA(Variant):
             for pname, p in layer.named_parameters(recurse=False):
                 suffix = pname if pname == "lora_magnitude_vector" else f"{pname}.weight"
                 state[f"base_model.model.{name}.{suffix}"] = p.detach()
-        if self.cfg.train_head:  # peft's modules_to_save are stored under their plain names
+        return {**state, **self.head_state(model)}
+
+    def head_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """Trained head weights, under the plain names peft stores ``modules_to_save`` with."""
+        state = {}
+        if self.cfg.train_head:
             for head in head_module_names(model, self.cfg.head):
                 for pname, p in model.get_submodule(head).named_parameters():
                     if p.requires_grad:
