@@ -51,8 +51,7 @@ def check(cfg: dict) -> None:
     """Everything that can be checked without building the model."""
     _variant(cfg)
     _optim(cfg)
-    if cfg["task"].get("name") not in tasks.TASKS:
-        raise tasks.TaskError(f"unknown task {cfg['task'].get('name')!r} (available: {', '.join(tasks.TASKS)})")
+    tasks.check_name(cfg["task"].get("name"))
 
 
 def run(cfg: dict) -> dict:

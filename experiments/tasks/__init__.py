@@ -32,9 +32,13 @@ class Task:
     info: dict = field(default_factory=dict)
 
 
-def build(name: str, **options) -> Task:
+def check_name(name: str) -> None:
     if name not in TASKS:
         raise TaskError(f"unknown task {name!r} (available: {', '.join(sorted(TASKS))})")
+
+
+def build(name: str, **options) -> Task:
+    check_name(name)
     module = importlib.import_module(TASKS[name])
     try:
         return module.build(**options)
