@@ -15,11 +15,20 @@ import tempfile
 from pathlib import Path
 
 SCHEMA = 1
-NON_SEMANTIC = ("results_dir", "logger", "force", "save_adapter", "progress", "hydra", "threads_per_job")
+# where things go, how they are shown, how fast they run: none of it changes a run's result
+NON_SEMANTIC = ("results_dir", "cache_dir", "logger", "force", "save_adapter", "progress", "hydra",
+                "threads_per_job", "task.cache_dir")
 
 
-def semantic_config(cfg: dict) -> dict:
-    return {k: v for k, v in cfg.items() if k not in NON_SEMANTIC}
+def semantic_config(cfg: dict, drop: tuple[str, ...] = NON_SEMANTIC) -> dict:
+    """``cfg`` without the ``drop`` keys (dotted keys reach into nested groups: ``task.cache_dir``)."""
+    out = {}
+    for k, v in cfg.items():
+        if k in drop:
+            continue
+        nested = tuple(d[len(k) + 1:] for d in drop if d.startswith(f"{k}."))
+        out[k] = semantic_config(v, nested) if nested and isinstance(v, dict) else v
+    return out
 
 
 def run_id(cfg: dict) -> str:

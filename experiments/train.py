@@ -7,10 +7,10 @@ exists, build task -> model -> variant, train with the shared trainer, write the
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 import traceback
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
@@ -135,7 +135,8 @@ def _print_result(record: dict) -> None:
     if record["status"] == "ok":
         test = ", ".join(f"{k}={v:.4g}" for k, v in record["metrics"]["test"].items())
         c = record["cost"]
-        print(f"[lorabench] ok {record['run_id']} {record['variant']} rank={record['rank']} seed={record['seed']}:"
+        rank = f" rank={record['rank']}" if record["rank"] is not None else ""
+        print(f"[lorabench] ok {record['run_id']} {record['variant']}{rank} seed={record['seed']}:"
               f" test {test}; trainable {c['trainable_params']:,} ({c['trainable_pct']:.3f}%),"
               f" {c['step_time_ms']:.1f} ms/step")
     else:
@@ -143,7 +144,11 @@ def _print_result(record: dict) -> None:
         print(f"[lorabench] FAILED {record['run_id']}: {err['type']}: {err['message']}", file=sys.stderr)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+# An absolute path: the same config whether run as `python -m experiments.train` or as the console script.
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
     container = OmegaConf.to_container(cfg, resolve=True)
     multirun = _is_multirun()
@@ -186,6 +191,50 @@ def _is_multirun() -> bool:
         return False
 
 
-if __name__ == "__main__":
-    os.environ.setdefault("HYDRA_FULL_ERROR", "0")
+def cli_problem(argv: list[str]) -> str | None:
+    """A bad command line as one line, before Hydra's multi-line report: ``variant=nope``,
+    ``-m variant=lora,nope``, ``task.nope=1``. Sweeps are checked value by value for config groups and
+    by their first value otherwise; anything this cannot judge is left to Hydra."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import OverrideType
+
+    try:
+        overrides = OverridesParser.create().parse_overrides([a for a in argv if "=" in a and a[0] != "-"])
+    except Exception:  # noqa: BLE001 - a syntax error is Hydra's to report
+        return None
+    single = []
+    for o in overrides:
+        if o.key_or_group.startswith("hydra"):
+            continue
+        values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.value()]
+        group = Path(CONF_DIR) / o.key_or_group
+        if group.is_dir() and o.package is None and not o.is_delete():
+            for v in values:
+                if v is not None and not (group / f"{v}.yaml").exists():
+                    options = ", ".join(sorted(p.stem for p in group.glob("*.yaml")))
+                    return f"unknown {o.key_or_group} {v!r} (available: {options})"
+        prefix = {OverrideType.ADD: "+", OverrideType.FORCE_ADD: "++", OverrideType.DEL: "~"}.get(o.type, "")
+        single.append(o.input_line if not o.is_sweep_override() else f"{prefix}{o.key_or_group}={values[0]}")
+    try:
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            compose("train", overrides=single)
+    except Exception as e:  # noqa: BLE001 - report the composition error in one line
+        cause = e.__cause__ or e
+        lines = [ln.strip().rstrip(".") for ln in f"{e}\n{cause}".splitlines() if ln.strip() and "full_key" not in ln
+                 and "object_type" not in ln and "append to your config" not in ln]
+        return ": ".join(dict.fromkeys(lines)) or type(e).__name__
+    return None
+
+
+def cli() -> None:
+    """``lorabench-train`` and ``python -m experiments.train``."""
+    problem = cli_problem(sys.argv[1:])
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        sys.exit(2)
     main()
+
+
+if __name__ == "__main__":
+    cli()

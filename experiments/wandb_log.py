@@ -23,13 +23,14 @@ class WandbRun:
 
             mode = os.environ.get("WANDB_MODE") or opts.pop("mode", "offline")
             opts.pop("mode", None)
+            quiet = opts.pop("quiet", True)  # W&B's per-run banner and history print drown a sweep's output
             variant, task = cfg["variant"]["name"], cfg["task"]["name"]
             wandb_dir = os.path.join(cfg["results_dir"], "wandb")
             os.makedirs(wandb_dir, exist_ok=True)
             self.run = wandb.init(
                 mode=mode, dir=wandb_dir, config=records.semantic_config(cfg), group=records.group_id(cfg),
                 name=f"{variant}-{task}-r{cfg['variant'].get('rank', '')}-s{cfg['seed']}",
-                tags=[variant, task], reinit="finish_previous", **opts)
+                tags=[variant, task], reinit="finish_previous", settings=wandb.Settings(silent=quiet), **opts)
         except Exception as e:  # noqa: BLE001 - any failure to start W&B must not stop the run
             print(f"[lorabench] warning: W&B disabled for this run ({type(e).__name__}: {e})".splitlines()[0],
                   file=sys.stderr)

@@ -7,6 +7,7 @@ and what the variant needs to know about the model (its head, whether the head i
 from __future__ import annotations
 
 import importlib
+import inspect
 from dataclasses import dataclass, field
 
 from torch import nn
@@ -40,7 +41,8 @@ def check_name(name: str) -> None:
 def build(name: str, **options) -> Task:
     check_name(name)
     module = importlib.import_module(TASKS[name])
-    try:
-        return module.build(**options)
-    except TypeError as e:  # an option the task does not take
-        raise TaskError(f"task {name!r}: {e}") from None
+    known = inspect.signature(module.build).parameters
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise TaskError(f"unknown option task.{unknown[0]} for task {name!r} (options: {', '.join(known)})")
+    return module.build(**options)

@@ -42,9 +42,11 @@ def build(d_in: int = 64, d_out: int = 64, hidden: int = 0, true_rank: int = 4, 
     if not 0 < true_rank <= min(d_in, width):
         raise TaskError(f"invalid option task.true_rank={true_rank}: expected 1..{min(d_in, width)}")
     g = torch.Generator().manual_seed(data_seed)
-    torch.manual_seed(data_seed)
-    base = Student(d_in, d_out, hidden)
-    teacher = Student(d_in, d_out, hidden)
+    with torch.random.fork_rng(devices=[]):  # the task is fixed by data_seed; the run's RNG stays the run's
+        torch.manual_seed(data_seed)
+        base = Student(d_in, d_out, hidden)
+        teacher = Student(d_in, d_out, hidden)
+        model = Student(d_in, d_out, hidden)
     teacher.load_state_dict(base.state_dict())
     # ΔW = U diag(σ) Vᵀ with orthonormal U, V and equal σ: every direction matters equally
     u, _ = torch.linalg.qr(torch.randn(width, true_rank, generator=g))
@@ -74,7 +76,6 @@ def build(d_in: int = 64, d_out: int = 64, hidden: int = 0, true_rank: int = 4, 
 
     data = TaskData(train=train, val=val, test=test, loss=loss, evaluate=evaluate, main_metric="fit",
                     collate=_collate, info={"true_rank": true_rank, "n_train": n_train})
-    model = Student(d_in, d_out, hidden)
     model.load_state_dict(base.state_dict())
     return Task(name="synthetic", model_name=f"linear{d_in}x{d_out}" if not hidden else f"mlp{d_in}-{hidden}-{d_out}",
                 model=model, data=data, head=(), train_head=False, default_targets=["fc1"], info=data.info)
