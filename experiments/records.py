@@ -16,8 +16,8 @@ from pathlib import Path
 
 SCHEMA = 1
 # where things go, how they are shown, how fast they run: none of it changes a run's result
-NON_SEMANTIC = ("results_dir", "cache_dir", "logger", "force", "save_adapter", "progress", "hydra",
-                "threads_per_job", "task.cache_dir")
+NON_SEMANTIC = ("results_dir", "cache_dir", "assets_dir", "logger", "force", "save_adapter", "progress", "hydra",
+                "threads_per_job", "task.cache_dir", "task.assets_dir")
 
 
 def semantic_config(cfg: dict, drop: tuple[str, ...] = NON_SEMANTIC) -> dict:

