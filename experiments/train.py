@@ -92,6 +92,7 @@ def run(cfg: dict) -> dict:
         "rank": getattr(v, "rank", None), "alpha": getattr(v, "alpha", None), "scaling": getattr(v, "scaling", None),
         "targets": getattr(variant, "target_modules", None),
         "lr": cfg["optim"]["lr"], "seed": cfg["seed"], "metrics": None, "history": [], "cost": None,
+        "main_metric": task.data.main_metric, "higher_is_better": task.data.higher_is_better,
         "task_info": task.info, "config": cfg, "env": records.environment(device),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }

@@ -123,9 +123,30 @@ def to_device(batch, device):
     return batch.to(device, non_blocking=True) if torch.is_tensor(batch) else batch
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a run's peak-memory window. On CUDA the allocator's peak; on Linux the process's peak RSS
+    (VmHWM, reset by writing 5 to /proc/self/clear_refs), so runs sharing a process (a multirun with the
+    basic launcher) each get their own peak instead of the process's lifetime maximum."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:  # not Linux, or not permitted: fall back to the lifetime peak
+        pass
+
+
 def peak_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     try:  # peak resident set of this process (Linux reports KiB)
         import resource
 
@@ -141,8 +162,7 @@ def fit(model: nn.Module, variant: Variant, data: TaskData, cfg: OptimConfig, *,
     cfg.validate()
     device = pick_device(device) if isinstance(device, str) else device
     model.to(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    reset_peak_memory(device)
     log = log or (lambda metrics, step: None)
     gen = torch.Generator().manual_seed(seed)
     train_loader = DataLoader(data.train, batch_size=cfg.batch_size, shuffle=True, generator=gen,

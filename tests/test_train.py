@@ -22,6 +22,17 @@ ROOT = Path(__file__).resolve().parents[1]
 VARIANT_CONFIGS = sorted(p.stem for p in (ROOT / "conf" / "variant").glob("*.yaml"))
 TASK_CONFIGS = sorted(p.stem for p in (ROOT / "conf" / "task").glob("*.yaml"))
 FAST = ["optim.max_steps=30", "task.n_train=256", "task.n_val=64", "task.n_test=64", "logger=none"]
+HUB_TASKS = {"glue_sst2", "glue_mrpc", "lm_gsm8k"}  # need the Hugging Face hub: composition only in tests
+OFFLINE_TASKS = [t for t in TASK_CONFIGS if t not in HUB_TASKS]
+_TEXT = ["task.n_train=32", "task.n_val=16", "task.n_test=16", "task.max_length=32"]
+SMALL = {  # task sizes that build in seconds (the real assets, sliced)
+    "synthetic": ["task.n_train=256", "task.n_val=64", "task.n_test=64"], "sentiment": _TEXT, "reviews": _TEXT,
+    "lm": ["task.n_train=4", "task.n_val=2", "task.n_test=2", "task.n_forget=2", "task.seq_len=32"],
+}
+
+
+def build_task(cfg: dict) -> tasks.Task:
+    return tasks.build(cfg["task"]["name"], **{k: v for k, v in cfg["task"].items() if k != "name"})
 
 
 def config(tmp_path, *overrides) -> dict:
@@ -37,10 +48,14 @@ def test_every_registered_variant_has_a_config():
 @pytest.mark.parametrize("task", TASK_CONFIGS)
 @pytest.mark.parametrize("variant", VARIANT_CONFIGS)
 def test_every_variant_composes_with_every_task_and_builds(variant, task, tmp_path):
-    cfg = config(tmp_path, f"variant={variant}", f"task={task}")
-    assert cfg["variant"]["name"] == variant
-    t = tasks.build(task, **{k: v for k, v in cfg["task"].items() if k != "name"})
-    from experiments.train import _variant
+    cfg = config(tmp_path, f"variant={variant}", f"task={task}", f"cache_dir={tmp_path}", *SMALL.get(task, []))
+    assert cfg["variant"]["name"] == variant and cfg["task"]["name"] == task
+    from experiments.train import _variant, check
+
+    check(cfg)
+    if task in HUB_TASKS:
+        return
+    t = build_task(cfg)
 
     v = _variant(cfg, t)
     if variant == "head" and not t.head:  # the synthetic teacher has no head to probe
@@ -137,15 +152,16 @@ def test_multirun_2x2_writes_4_records_and_a_failure_does_not_stop_the_sweep(tmp
     assert statuses == ["failed"] + ["ok"] * 5
 
 
-@pytest.mark.parametrize("task", TASK_CONFIGS)
-def test_building_a_task_leaves_the_global_rng_alone(task, tmp_path):
+@pytest.mark.parametrize("task", OFFLINE_TASKS)
+def test_building_a_task_does_not_reseed_the_global_rng(task, tmp_path):
     """Else the seed would not reach the adapter's init (a task that reseeds fixes every run's A)."""
-    cfg = config(tmp_path, f"task={task}", f"cache_dir={tmp_path}")
-    torch.manual_seed(5)
-    tasks.build(task, **{k: v for k, v in cfg["task"].items() if k != "name"})
-    after = torch.rand(4)
-    torch.manual_seed(5)
-    assert torch.equal(after, torch.rand(4))
+    cfg = config(tmp_path, f"task={task}", f"cache_dir={tmp_path}", *SMALL.get(task, []))
+    after = []
+    for seed in (5, 6):
+        torch.manual_seed(seed)
+        build_task(cfg)
+        after.append(torch.rand(4))
+    assert not torch.equal(*after)
 
 
 @pytest.mark.parametrize("args, message", [
@@ -208,3 +224,15 @@ def test_digits_experiment_multirun_writes_one_record_per_job(tmp_path):
     assert sorted((r["variant"], r["seed"], r["task"]) for r in runs) == [
         ("head", 0, "digits"), ("head", 1, "digits"), ("lora", 0, "digits"), ("lora", 1, "digits")]
     assert len(list((tmp_path / "cache" / "digits").glob("*.safetensors"))) == 1  # pretrained once
+
+
+@pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK), reason="needs Linux's resettable peak RSS")
+def test_cpu_peak_memory_is_per_run_not_the_process_lifetime_peak():
+    from experiments.trainer import peak_memory_bytes, reset_peak_memory
+
+    cpu = torch.device("cpu")
+    big = torch.ones(100_000_000)  # 400 MB
+    lifetime = peak_memory_bytes(cpu)
+    del big
+    reset_peak_memory(cpu)
+    assert peak_memory_bytes(cpu) < lifetime - 300 * 2**20

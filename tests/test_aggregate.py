@@ -1,0 +1,100 @@
+"""Aggregation on hand-built records with known answers."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from experiments import aggregate
+
+
+def record(tmp_path, variant, seed, lr, val, test, rank=8, status="ok", task="toy", trainable=100):
+    rid = f"{variant}-{rank}-{lr}-{seed}-{status}"
+    r = {"schema": 1, "run_id": rid, "group_id": rid[:-2], "status": status, "variant": variant, "task": task,
+         "model": "m", "rank": rank, "alpha": 16, "scaling": "standard", "targets": ["a.query", "a.value"],
+         "lr": lr, "seed": seed, "main_metric": "accuracy", "higher_is_better": True,
+         "metrics": {"val": {"accuracy": val}, "test": {"accuracy": test}} if status == "ok" else None,
+         "error": None if status == "ok" else {"type": "NonFiniteLoss", "message": "nan at step 3", "step": 3},
+         "cost": {"trainable_params": trainable, "trainable_pct": 1.0, "optimizer_state_bytes": 8 * trainable,
+                  "peak_memory_bytes": 2**30, "step_time_ms": 10.0, "train_time_s": 1.0}}
+    (tmp_path / "runs").mkdir(exist_ok=True)
+    (tmp_path / "runs" / f"{rid}.json").write_text(json.dumps(r))
+
+
+LORA = [0.80, 0.82, 0.81, 0.79, 0.83]
+DORA = [0.84, 0.85, 0.83, 0.82, 0.86]
+
+
+@pytest.fixture
+def results(tmp_path):
+    for seed, (a, b) in enumerate(zip(LORA, DORA, strict=True)):
+        record(tmp_path, "lora", seed, 1e-3, val=0.9, test=a)
+        record(tmp_path, "lora", seed, 1e-4, val=0.5, test=0.99)  # best on test, worse on val: not chosen
+        record(tmp_path, "dora", seed, 1e-3, val=0.6, test=0.10)
+        record(tmp_path, "dora", seed, 1e-4, val=0.8, test=b)
+        record(tmp_path, "full", seed, 1e-4, val=0.7, test=a - 0.01 * seed, rank=None, trainable=10_000)
+    record(tmp_path, "dora", 9, 1e-3, val=0, test=0, status="failed")
+    return tmp_path
+
+
+def test_load_counts_failed_runs_and_keeps_them_out_of_the_table(results):
+    ok, failed = aggregate.load(results)
+    assert len(ok) == 25 and len(failed) == 1
+    assert "NonFiniteLoss" in failed.iloc[0]["error"] and "step 3" in failed.iloc[0]["error"]
+    assert set(ok["targets"]) == {"query,value"}
+
+
+def test_summary_mean_std_and_bootstrap_ci_match_direct_computation(results):
+    ok, _ = aggregate.load(results)
+    s = aggregate.summarize(ok, "accuracy")
+    lora = s[(s.variant == "lora") & (s.lr == 1e-3)].iloc[0]
+    assert lora.n == 5 and lora["mean"] == pytest.approx(np.mean(LORA)) and lora["std"] == pytest.approx(
+        np.std(LORA, ddof=1))
+    direct = stats.bootstrap((np.array(LORA),), np.mean, confidence_level=0.95, n_resamples=9999,
+                             random_state=np.random.default_rng(0), method="BCa").confidence_interval
+    assert (lora.ci_low, lora.ci_high) == pytest.approx((direct.low, direct.high))
+    assert lora.ci_low < lora["mean"] < lora.ci_high
+
+
+def test_lr_selection_picks_the_validation_best_and_reports_its_test(results):
+    ok, _ = aggregate.load(results)
+    chosen = aggregate.select_lr(aggregate.summarize(ok, "accuracy"))
+    by_variant = chosen.set_index("variant")
+    assert by_variant.loc["lora", "lr"] == 1e-3 and by_variant.loc["lora", "mean"] == pytest.approx(np.mean(LORA))
+    assert by_variant.loc["dora", "lr"] == 1e-4 and by_variant.loc["dora", "mean"] == pytest.approx(np.mean(DORA))
+    lower = aggregate.select_lr(aggregate.summarize(ok, "accuracy"), higher_is_better=False).set_index("variant")
+    assert lower.loc["lora", "lr"] == 1e-4  # e.g. perplexity: the lowest validation mean wins
+
+
+def test_paired_tests_match_scipy_on_matched_seeds_and_holm_orders(results):
+    ok, _ = aggregate.load(results)
+    chosen = aggregate.select_lr(aggregate.summarize(ok, "accuracy"))
+    tests = aggregate.paired_tests(ok, chosen, "accuracy", baseline="lora").set_index("variant")
+    assert tests.loc["dora", "n_pairs"] == 5
+    assert tests.loc["dora", "p_ttest"] == pytest.approx(stats.ttest_rel(DORA, LORA).pvalue)
+    assert tests.loc["dora", "mean_diff"] == pytest.approx(np.mean(DORA) - np.mean(LORA))
+    raw = tests["p_ttest"].tolist()
+    assert tests["p_holm"].tolist() == pytest.approx(aggregate.holm(raw))
+
+
+def test_holm_against_hand_computed_values():
+    # sorted p: 0.01 (x3) -> 0.03, 0.02 (x2) -> 0.04, 0.04 (x1) -> 0.04 (monotone)
+    assert aggregate.holm([0.04, 0.01, 0.02]) == pytest.approx([0.04, 0.03, 0.04])
+    assert aggregate.holm([0.5, 0.6]) == pytest.approx([1.0, 1.0])
+
+
+def test_cli_writes_markdown_latex_csv_and_lists_failures(results, capsys):
+    assert aggregate.main(["--results-dir", str(results), "--select-lr"]) == 0
+    out = capsys.readouterr().out
+    assert "| toy | dora | 8 | 1e-04 | 0.8400 ± 0.0158 |" in out and "1 failed" in out and "NonFiniteLoss" in out
+    for ext in ("md", "tex", "csv"):
+        assert (results / "tables" / f"summary_accuracy.{ext}").stat().st_size > 0
+    assert "\\toprule" in (results / "tables" / "summary_accuracy.tex").read_text()
+
+
+def test_cli_with_no_records_is_one_error_line(tmp_path, capsys):
+    assert aggregate.main(["--results-dir", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
