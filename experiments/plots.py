@@ -1,0 +1,149 @@
+"""Plots from run records (matplotlib, PNG + SVG): rank vs quality, Pareto fronts, loss curves.
+
+    python -m experiments.plots [--results-dir results] [--metric accuracy] [--task sentiment]
+
+Reads records only (through ``experiments.aggregate``), never a model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display needed
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from experiments import aggregate  # noqa: E402
+
+REFERENCES = ("full", "head")  # rank-less baselines: horizontal lines on rank plots
+
+
+def _save(fig, out_dir: Path, stem: str) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [out_dir / f"{stem}.png", out_dir / f"{stem}.svg"]
+    for p in paths:
+        fig.savefig(p, dpi=150, bbox_inches="tight")
+    plt.close(fig)
+    return paths
+
+
+def rank_vs_quality(chosen: pd.DataFrame, metric: str, out_dir: Path, task: str) -> list[Path]:
+    """log2 rank on x, mean test metric with its 95 % CI band, one line per low-rank variant;
+    full fine-tuning and head-only as horizontal references."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    ranked = chosen[chosen["rank"].notna()]
+    for variant, g in ranked.groupby("variant", sort=True):
+        g = g.sort_values("rank")
+        line, = ax.plot(g["rank"], g["mean"], marker="o", label=variant)
+        if g["ci_low"].notna().any():
+            ax.fill_between(g["rank"], g["ci_low"], g["ci_high"], color=line.get_color(), alpha=0.15, lw=0)
+    for i, ref in enumerate(REFERENCES):
+        r = chosen[(chosen["variant"] == ref) & chosen["rank"].isna()]
+        if not r.empty:
+            ax.axhline(r["mean"].iloc[0], ls="--" if i == 0 else ":", color="0.3", lw=1, label=f"{ref} (no rank)")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("rank r")
+    ax.set_ylabel(f"test {metric}")
+    ax.set_title(f"{task}: rank vs {metric} (mean, 95% CI over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, out_dir, f"rank_vs_{metric}_{task}")
+
+
+def pareto_front(x: np.ndarray, y: np.ndarray, higher_is_better: bool) -> np.ndarray:
+    """Indices of the points no other point beats on both cost (lower x) and quality (y)."""
+    sign = 1 if higher_is_better else -1
+    keep = []
+    for i in range(len(x)):
+        dominated = np.any((x <= x[i]) & (sign * y >= sign * y[i]) & ((x < x[i]) | (sign * y > sign * y[i])))
+        if not dominated:
+            keep.append(i)
+    return np.array(sorted(keep, key=lambda i: x[i]), dtype=int)
+
+
+def pareto(chosen: pd.DataFrame, metric: str, cost: str, out_dir: Path, task: str,
+           higher_is_better: bool = True) -> list[Path]:
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    data = chosen[chosen[cost].notna()]
+    for variant, g in data.groupby("variant", sort=True):
+        ax.scatter(g[cost], g["mean"], label=variant, s=28)
+    x, y = data[cost].to_numpy(float), data["mean"].to_numpy(float)
+    front = pareto_front(x, y, higher_is_better)
+    ax.plot(x[front], y[front], color="k", lw=1, ls="--", label="Pareto front")
+    ax.set_xscale("log")
+    ax.set_xlabel(cost.replace("_", " "))
+    ax.set_ylabel(f"test {metric}")
+    ax.set_title(f"{task}: {metric} vs {cost.replace('_', ' ')}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, out_dir, f"pareto_{cost}_{task}")
+
+
+def loss_curves(results_dir: Path, out_dir: Path, task: str) -> list[Path]:
+    """Training loss against step, one line per variant (the first seed's run of its best setting)."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    seen = set()
+    for path in sorted(Path(results_dir, "runs").glob("*.json")):
+        r = json.loads(path.read_text())
+        if r.get("status") != "ok" or r.get("task") != task or r["variant"] in seen or not r.get("history"):
+            continue
+        seen.add(r["variant"])
+        h = pd.DataFrame(r["history"])
+        ax.plot(h["step"], h["loss"].rolling(5, min_periods=1).mean(), label=f"{r['variant']} r={r['rank']}")
+    if not seen:  # records without a history: nothing to draw
+        plt.close(fig)
+        return []
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss (moving mean of 5)")
+    ax.set_title(f"{task}: training loss")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, out_dir, f"loss_{task}")
+
+
+def make_all(results_dir: str | Path, out_dir: str | Path | None = None, metric: str | None = None,
+             task: str | None = None, select_lr: bool = True) -> list[Path]:
+    results_dir = Path(results_dir)
+    out_dir = Path(out_dir or results_dir / "plots")
+    df, _ = aggregate.load(results_dir)
+    if df.empty:
+        raise ValueError(f"no finished runs under {results_dir / 'runs'}")
+    paths = []
+    for t, g in df.groupby("task"):
+        if task is not None and t != task:
+            continue
+        m = metric or g["main_metric"].iloc[0]
+        higher = bool(g["higher_is_better"].iloc[0])
+        summary = aggregate.summarize(g[g[f"test_{m}"].notna()], m)
+        chosen = aggregate.select_lr(summary, higher) if select_lr else summary
+        paths += rank_vs_quality(chosen, m, out_dir, t)
+        for cost in ("trainable_params", "peak_memory_bytes", "step_time_ms"):
+            paths += pareto(chosen, m, cost, out_dir, t, higher)
+        paths += loss_curves(results_dir, out_dir, t)
+    return paths
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--results-dir", default="results")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--metric", default=None)
+    ap.add_argument("--task", default=None)
+    args = ap.parse_args(argv)
+    try:
+        paths = make_all(args.results_dir, args.out, args.metric, args.task)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print("\n".join(str(p) for p in paths))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
