@@ -1,0 +1,373 @@
+"""Causal language modelling on a real pretrained decoder: domain adaptation measured against forgetting.
+
+A pretrained Llama-family model is fine-tuned on next-token prediction over text it was not tuned for,
+and scored on held-out text of the same kind and on unrelated text:
+
+- ``perplexity`` = exp(mean next-token NLL over every predicted token of the split) — the main metric,
+  lower is better (``nll`` is the same mean, in nats);
+- ``forget_perplexity``: the same on a second, unrelated text (modern news headlines), and
+  ``forget_increase`` = forget_perplexity - the untouched base model's value (0 for the base model).
+
+Configs (one module, options chosen by YAML):
+
+- ``task=lm`` (offline): SmolLM2-135M-Instruct (``model: smollm2``, the checkpoint ``make assets``
+  converts) on Jane Austen's six novels (``dataset: austen``), forgetting on Guardian headlines.
+- ``task=lm_gsm8k`` (needs the Hugging Face Hub, meant for GPUs): a hub model by name on GSM8K
+  (``dataset: gsm8k``, question + worked answer as plain text). Offline it fails with one line.
+
+Text becomes blocks: each pool of documents is tokenised, documents are joined with the tokenizer's EOS
+token into one stream, and the stream is cut into consecutive, non-overlapping blocks of ``seq_len``
+tokens (the remainder is dropped). Every block is full, so no padding and no masking is needed; ``labels``
+equal ``input_ids`` (the model shifts them). Token streams and the base model's perplexities are cached
+under ``cache_dir`` (written atomically: parallel sweep jobs may race), so a sweep tokenises and scores the
+base once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import json
+import math
+import os
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from experiments import assets
+from experiments.assets import AssetError
+from experiments.tasks import Task, TaskError
+from experiments.trainer import TaskData, pick_device, to_device
+
+SMOLLM2 = "smollm2"  # the offline checkpoint; any other ``model`` value is a Hugging Face Hub name
+DATASETS = ("austen", "gsm8k")
+FORGET_DATASETS = ("guardian",)
+# Validation and test text comes from two whole novels that training never sees (the two shortest, about
+# a quarter of the corpus). Holding out whole books rather than interleaved passages means no sentence,
+# scene or run of text is shared with training, and the score measures Austen's style and vocabulary in
+# general rather than recall of one book's plot and names.
+AUSTEN_HELDOUT = ("northangerabbey", "persuasion")
+EVAL_TOKENS = 1024  # tokens per batch when scoring the base model and the forgetting text (fixed: see below)
+
+
+# --- text ------------------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=4)
+def _austen(assets_dir: str) -> dict[str, str]:
+    return assets.austen(assets_dir)  # ~2 s of R-data parsing: once per process (tests build many times)
+
+
+@functools.lru_cache(maxsize=1)
+def _guardian() -> tuple[str, ...]:
+    return tuple(assets.guardian_headlines())
+
+
+def text_pools(dataset: str, assets_dir: str) -> dict[str, list[str]]:
+    """{"train": documents, "heldout": documents}; validation and test blocks both come from "heldout"."""
+    if dataset == "austen":
+        novels = _austen(assets_dir)
+        return {"train": [novels[k] for k in sorted(novels) if k not in AUSTEN_HELDOUT],
+                "heldout": [novels[k] for k in AUSTEN_HELDOUT]}
+    # GSM8K: training on the train split, validation and test from the test split (1,319 problems)
+    splits = _from_hub("dataset openai/gsm8k", _load_gsm8k)
+    return {pool: [f"Question: {row['question']}\nAnswer: {row['answer']}" for row in rows]
+            for pool, rows in splits.items()}
+
+
+def _load_gsm8k() -> dict[str, list[dict]]:
+    import datasets
+
+    ds = datasets.load_dataset("openai/gsm8k", "main")
+    return {"train": list(ds["train"]), "heldout": list(ds["test"])}
+
+
+def forget_pool(forget_dataset: str) -> list[str]:
+    # one document, a headline per line: a block spans several headlines
+    return ["\n".join(_guardian())]
+
+
+# --- the hub (lm_gsm8k) ----------------------------------------------------------------------------
+
+def _hub_offline() -> bool:
+    import huggingface_hub
+
+    env = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    return env or bool(huggingface_hub.constants.HF_HUB_OFFLINE)
+
+
+def _hub_reachable(timeout: float = 5.0) -> bool:
+    import huggingface_hub
+
+    try:
+        request = urllib.request.Request(huggingface_hub.constants.ENDPOINT, method="HEAD")
+        urllib.request.urlopen(request, timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return True  # an answer, even an error status, means the network works
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def _from_hub(what: str, load):
+    """``load()`` something from the Hugging Face Hub, or raise a one-line AssetError (never hang offline)."""
+    offline = _hub_offline()
+    if not offline and not _hub_reachable():
+        raise AssetError(f"{what} needs the Hugging Face Hub, which is unreachable: connect to the internet "
+                         "(or set HF_HUB_OFFLINE=1 if it is already cached), or use task=lm offline")
+    try:
+        return load()
+    except Exception as e:  # noqa: BLE001 - any failure to fetch is one line for the user
+        if offline:
+            raise AssetError(f"{what} is not in the local Hugging Face cache and HF_HUB_OFFLINE=1: download it "
+                             "once with internet access, or use task=lm offline") from None
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise AssetError(f"{what} could not be loaded from the Hugging Face Hub ({type(e).__name__}: {first});"
+                         " use task=lm offline") from None
+
+
+# --- model and tokenizer ---------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _quiet_loading():
+    """No "Loading weights" progress bar in every run's output; the previous setting is restored."""
+    from transformers.utils import logging
+
+    was = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            logging.enable_progress_bar()
+
+
+def load_tokenizer(model: str, assets_dir: str):
+    from transformers import AutoTokenizer
+
+    if model == SMOLLM2:
+        return AutoTokenizer.from_pretrained(assets.smollm2_path(assets_dir))
+    return _from_hub(f"model {model}", lambda: AutoTokenizer.from_pretrained(model))
+
+
+def load_model(model: str, assets_dir: str) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    # fork_rng: building the task must not move the run's RNG streams, whatever the loader initialises
+    with torch.random.fork_rng(devices=[]), _quiet_loading():
+        if model == SMOLLM2:
+            m = AutoModelForCausalLM.from_pretrained(assets.smollm2_path(assets_dir), dtype=torch.float32)
+        else:
+            m = _from_hub(f"model {model}", lambda: AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32))
+    m.config.use_cache = False  # nothing here generates; a KV cache would only cost memory in training
+    return m.eval()
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """A content hash of the weights (per-tensor sums in float64): cheap, and changes with any checkpoint."""
+    h = hashlib.sha256()
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            t = t.double()
+            h.update(f"{name}{tuple(t.shape)}{t.sum().item():.17g}{t.abs().sum().item():.17g}".encode())
+    return h.hexdigest()[:16]
+
+
+def tokenizer_fingerprint(tok) -> str:
+    backend = getattr(tok, "backend_tokenizer", None)  # fast tokenizers serialise their whole definition
+    spec = backend.to_str() if backend is not None else f"{tok.name_or_path}:{len(tok)}"
+    return hashlib.sha256(f"{spec}|eos={tok.eos_token_id}".encode()).hexdigest()[:16]
+
+
+def text_fingerprint(pools: dict[str, list[str]]) -> str:
+    h = hashlib.sha256()
+    for pool in sorted(pools):
+        h.update(f"<{pool}:{len(pools[pool])}>".encode())
+        for doc in pools[pool]:
+            h.update(hashlib.sha256(doc.encode()).digest())
+    return h.hexdigest()[:16]
+
+
+# --- tokens and blocks -----------------------------------------------------------------------------
+
+def _atomic_write(path: Path, write) -> None:
+    """``write(tmp)`` then rename: a reader sees the whole file or none (parallel jobs write identical ones)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def token_streams(pools: dict[str, list[str]], tok, cache_dir: str, label: str) -> tuple[dict, str]:
+    """Each pool as one token stream (documents joined by EOS), cached on disk; and the data fingerprint.
+
+    The cache key is the text and the tokenizer; blocks are cut after loading, so every ``seq_len`` shares
+    one file.
+    """
+    data_fp = text_fingerprint(pools)
+    key = hashlib.sha256(f"{data_fp}|{tokenizer_fingerprint(tok)}".encode()).hexdigest()[:16]
+    path = Path(cache_dir).expanduser() / "causal_lm" / f"tokens-{label}-{key}.safetensors"
+    if path.exists():
+        return {k: v.long() for k, v in load_file(path).items()}, data_fp
+    streams = {}
+    for pool, docs in pools.items():
+        # verbose=False: whole novels are far longer than the model's context; that is expected here
+        ids = tok(list(docs), add_special_tokens=False, verbose=False)["input_ids"]
+        flat = [t for doc in ids for t in [*doc, tok.eos_token_id]]
+        streams[pool] = torch.tensor(flat, dtype=torch.int32)  # vocabularies fit int32: half the disk
+    _atomic_write(path, lambda tmp: save_file(streams, str(tmp)))
+    return {k: v.long() for k, v in streams.items()}, data_fp
+
+
+def blocks(stream: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """Consecutive, non-overlapping ``seq_len``-token blocks of a stream (the remainder is dropped)."""
+    n = len(stream) // seq_len
+    return stream[: n * seq_len].view(n, seq_len)
+
+
+def pick(pool: torch.Tensor, sizes: dict[str, int], seed: int, what: str) -> dict[str, torch.Tensor]:
+    """Disjoint, seeded random subsets of a pool's blocks: the first ``sizes[a]`` of one permutation go to
+    ``a``, the next ``sizes[b]`` to ``b``, ... (so a block never lands in two splits)."""
+    need = sum(sizes.values())
+    if need > len(pool):
+        names = "+".join(f"task.{k}" for k in sizes)
+        raise TaskError(f"invalid option {names}={need}: only {len(pool)} blocks of {what} text at this seq_len")
+    order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))
+    out, start = {}, 0
+    for name, n in sizes.items():
+        out[name] = pool[order[start:start + n]]
+        start += n
+    return out
+
+
+def collate(rows) -> dict[str, torch.Tensor]:
+    ids = torch.stack([r[0] for r in rows])
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+
+
+# --- the metric ------------------------------------------------------------------------------------
+
+def token_nll(model: nn.Module, batches) -> tuple[float, int]:
+    """Summed next-token NLL and the number of predicted tokens (position t predicts token t+1; labels of
+    -100 are skipped). Summing, not averaging per batch, makes the mean a mean over tokens."""
+    total, count = 0.0, 0
+    for batch in batches:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        targets = batch["labels"][:, 1:]
+        # at least float32 even under bf16 autocast: a 49k-way log-softmax in bf16 is visibly off
+        logits = logits[:, :-1].flatten(0, 1).to(torch.promote_types(logits.dtype, torch.float32))
+        nll = nn.functional.cross_entropy(logits, targets.flatten(), ignore_index=-100, reduction="sum")
+        total += nll.item()
+        count += int((targets != -100).sum())
+    return total, count
+
+
+def perplexity(model: nn.Module, batches) -> dict[str, float]:
+    total, count = token_nll(model, batches)
+    return {"perplexity": math.exp(total / count), "nll": total / count}
+
+
+def _fixed_batches(split: torch.Tensor, device: torch.device):
+    """Batches of EVAL_TOKENS tokens, whatever optim.eval_batch_size says: the base model's cached score and
+    a run's score then come from the same arithmetic, so an untouched model's forget_increase is exactly 0."""
+    size = max(1, EVAL_TOKENS // split.shape[1])
+    for i in range(0, len(split), size):
+        yield to_device(collate([(row,) for row in split[i:i + size]]), device)
+
+
+def base_perplexity(model: nn.Module, split: torch.Tensor, model_fp: str, cache_dir: str) -> dict[str, float]:
+    """The untouched model's perplexity on ``split``, computed once and cached, keyed by the exact blocks and
+    the weights (and the device kind: CPU and CUDA kernels differ in the last bits).
+
+    Computed in float32 on the machine's best device; a ``bf16=true`` run is scored under bf16 autocast, so
+    its forget_increase includes bf16 rounding (small next to real forgetting, but not zero).
+    """
+    device = pick_device("auto")
+    blocks_fp = hashlib.sha256(split.to(torch.int32).numpy().tobytes()).hexdigest()[:16]
+    key = hashlib.sha256(f"{model_fp}|{blocks_fp}|{tuple(split.shape)}|{device.type}|{EVAL_TOKENS}".encode())
+    path = Path(cache_dir).expanduser() / "causal_lm" / f"base-{key.hexdigest()[:16]}.json"
+    if path.exists():
+        return json.loads(path.read_text())["metrics"]
+    model.to(device)
+    with torch.inference_mode():
+        metrics = perplexity(model, _fixed_batches(split, device))
+    model.to("cpu")  # the trainer moves it to the run's device
+    record = {"metrics": metrics, "model": model_fp, "blocks": blocks_fp, "shape": list(split.shape),
+              "device": device.type}
+    _atomic_write(path, lambda tmp: tmp.write_text(json.dumps(record, indent=1)))
+    return metrics
+
+
+# --- the task --------------------------------------------------------------------------------------
+
+def build(model: str = SMOLLM2, dataset: str = "austen", forget_dataset: str | None = "guardian",
+          seq_len: int = 128, n_train: int = 2048, n_val: int = 32, n_test: int = 32, n_forget: int = 32,
+          data_seed: int = 0, cache_dir: str = "~/.cache/lorabench", assets_dir: str | None = None) -> Task:
+    if dataset not in DATASETS:
+        raise TaskError(f"invalid option task.dataset={dataset!r}: expected one of {', '.join(DATASETS)}")
+    if forget_dataset is not None and forget_dataset not in FORGET_DATASETS:
+        raise TaskError(f"invalid option task.forget_dataset={forget_dataset!r}: expected null or "
+                        f"{', '.join(FORGET_DATASETS)}")
+    if not isinstance(seq_len, int) or seq_len < 2:
+        raise TaskError(f"invalid option task.seq_len={seq_len!r}: expected an integer >= 2")
+    for name, n in (("n_train", n_train), ("n_val", n_val), ("n_test", n_test), ("n_forget", n_forget)):
+        if not isinstance(n, int) or n < 1:
+            raise TaskError(f"invalid option task.{name}={n!r}: expected an integer >= 1")
+    assets_dir = str(assets.assets_dir(assets_dir))
+
+    # the tokenizer and data first: they are cheap and, for hub configs, the likeliest to be missing
+    tok = load_tokenizer(model, assets_dir)
+    streams, data_fp = token_streams(text_pools(dataset, assets_dir), tok, cache_dir, dataset)
+    net = load_model(model, assets_dir)
+    max_len = getattr(net.config, "max_position_embeddings", None)
+    if max_len is not None and seq_len > max_len:
+        raise TaskError(f"invalid option task.seq_len={seq_len}: {model} handles at most {max_len} tokens")
+
+    # the split depends only on data_seed, never on the run's seed: every run of a sweep sees the same blocks
+    train = pick(blocks(streams["train"], seq_len), {"n_train": n_train}, data_seed, f"{dataset} training")
+    held = pick(blocks(streams["heldout"], seq_len), {"n_val": n_val, "n_test": n_test}, data_seed + 1,
+                f"{dataset} held-out")
+    model_fp = model_fingerprint(net)
+    base = {"val": base_perplexity(net, held["n_val"], model_fp, cache_dir)["perplexity"],
+            "test": base_perplexity(net, held["n_test"], model_fp, cache_dir)["perplexity"]}
+    info = {"dataset": dataset, "data_fingerprint": data_fp, "tokenizer": tokenizer_fingerprint(tok),
+            "model_fingerprint": model_fp, "seq_len": seq_len, "data_seed": data_seed,
+            "blocks": {"train": n_train, "val": n_val, "test": n_test},
+            "blocks_available": {"train": len(streams["train"]) // seq_len,
+                                 "heldout": len(streams["heldout"]) // seq_len}}
+    if dataset == "austen":
+        info["heldout_novels"] = list(AUSTEN_HELDOUT)
+
+    forget = None
+    if forget_dataset is not None:
+        f_streams, f_fp = token_streams({"all": forget_pool(forget_dataset)}, tok, cache_dir, forget_dataset)
+        forget = pick(blocks(f_streams["all"], seq_len), {"n_forget": n_forget}, data_seed + 2,
+                      forget_dataset)["n_forget"]
+        base["forget"] = base_perplexity(net, forget, model_fp, cache_dir)["perplexity"]
+        info.update(forget_dataset=forget_dataset, forget_fingerprint=f_fp)
+        info["blocks"]["forget"] = n_forget
+        info["blocks_available"]["forget"] = len(f_streams["all"]) // seq_len
+    info["base_perplexity"] = base
+
+    def loss(model, batch):
+        return model(**batch).loss
+
+    def evaluate(model, loader) -> dict:
+        metrics = perplexity(model, loader)
+        if forget is not None:
+            after = perplexity(model, _fixed_batches(forget, next(model.parameters()).device))["perplexity"]
+            metrics.update(forget_perplexity=after, forget_increase=after - base["forget"])
+        return metrics
+
+    data = TaskData(train=TensorDataset(train["n_train"]), val=TensorDataset(held["n_val"]),
+                    test=TensorDataset(held["n_test"]), loss=loss, evaluate=evaluate, main_metric="perplexity",
+                    higher_is_better=False, collate=collate, info=info)
+    # the LM head is tied to the input embeddings (SmolLM2): adapters never wrap it and it stays frozen;
+    # full fine-tuning and GaLore train it through the shared embedding matrix
+    return Task(name="lm", model_name="SmolLM2-135M-Instruct" if model == SMOLLM2 else model.split("/")[-1],
+                model=net, data=data, head=("lm_head",), train_head=False, default_targets="qv", info=info)
