@@ -1,49 +1,58 @@
-"""``make demo``: a small real sweep, then a table. Until the real tasks land (issues 5-6) it runs on the
-seconds-long ``synthetic`` task: every low-rank variant x rank {1, 2, 4, 8} against a rank-4 teacher,
-plus full fine-tuning, into ``results/demo/``; finished runs are skipped on a re-run.
+"""``make demo``: a small real sweep on the sentiment task -> table -> plots, offline, ~10 min on 2 cores.
+
+It runs exactly what a user would type (printed before each step), so the demo doubles as a recipe:
+
+    python -m experiments.train -m experiment=demo variant=lora,lora_plus,dora,galore,adalora variant.rank=2,8,32
+    python -m experiments.train -m experiment=demo variant=full,head
+    python -m experiments.aggregate --results-dir results/demo
+    python -m experiments.plots --results-dir results/demo
+
+Finished runs are skipped, so an interrupted demo resumes where it stopped.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
+import sys
 import time
-from pathlib import Path
 
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
-
-from experiments.train import run
-
-CONF = str(Path(__file__).resolve().parents[1] / "conf")
+LOW_RANK = "lora,lora_plus,dora,galore,adalora"
 
 
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
+def steps(results_dir: str, variants: str, ranks: str, jobs: int) -> list[list[str]]:
+    sweep = ["-m", "experiment=demo", f"results_dir={results_dir}", "logger=none"]
+    if jobs > 1:
+        sweep += ["launcher=joblib", f"hydra.launcher.n_jobs={jobs}"]
+    train = [sys.executable, "-m", "experiments.train"]
+    return [
+        [*train, *sweep, f"variant={variants}", f"variant.rank={ranks}"],
+        [*train, *sweep, "variant=full,head"],
+        [sys.executable, "-m", "experiments.aggregate", "--results-dir", results_dir],
+        [sys.executable, "-m", "experiments.plots", "--results-dir", results_dir],
+    ]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--results-dir", default="results/demo")
-    ap.add_argument("--ranks", default="1,2,4,8")
-    ap.add_argument("--variants", default="lora,lora_plus,dora,adalora,galore")
+    ap.add_argument("--variants", default=LOW_RANK)
+    ap.add_argument("--ranks", default="2,8,32")
+    ap.add_argument("--jobs", type=int, default=1, help="parallel runs (joblib), 1 torch thread each")
     args = ap.parse_args(argv)
-    jobs = [(v, int(r)) for v in args.variants.split(",") for r in args.ranks.split(",")] + [("full", None)]
-    rows, t0 = [], time.perf_counter()
-    for i, (variant, rank) in enumerate(jobs, 1):
-        overrides = [f"variant={variant}", f"results_dir={args.results_dir}", "logger=none", "progress=false"]
-        if rank is not None:
-            overrides += [f"variant.rank={rank}"]
-        with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-            cfg = OmegaConf.to_container(compose("train", overrides=overrides), resolve=True)
-        rec = run(cfg)
-        print(f"[{i}/{len(jobs)}] {variant} rank={rank}: {rec['status']}", flush=True)
-        if rec["status"] == "ok":
-            c = rec["cost"]
-            rows.append((variant, rank or "-", rec["metrics"]["test"]["fit"], c["trainable_params"],
-                         c["optimizer_state_bytes"], c["step_time_ms"]))
-    print(f"\nsynthetic task (teacher update of rank {cfg['task']['true_rank']}), "
-          f"{time.perf_counter() - t0:.0f} s\n")
-    print("| variant | rank | test fit | trainable params | optimizer state (bytes) | ms/step |")
-    print("|---|---|---|---|---|---|")
-    for v, r, fit, n, ob, ms in rows:
-        print(f"| {v} | {r} | {fit:.4f} | {n:,} | {ob:,} | {ms:.2f} |")
+    t0 = time.perf_counter()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    for cmd in steps(args.results_dir, args.variants, args.ranks, args.jobs):
+        shown = " ".join(["python", *cmd[1:]])
+        print(f"\n[demo] $ {shown}", flush=True)
+        if subprocess.run(cmd, env=env).returncode != 0:
+            print(f"[demo] failed: {shown}", file=sys.stderr)
+            return 1
+    print(f"\n[demo] done in {time.perf_counter() - t0:.0f} s: tables in {args.results_dir}/tables, "
+          f"plots in {args.results_dir}/plots", flush=True)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -98,3 +98,37 @@ def test_cli_writes_markdown_latex_csv_and_lists_failures(results, capsys):
 def test_cli_with_no_records_is_one_error_line(tmp_path, capsys):
     assert aggregate.main(["--results-dir", str(tmp_path)]) == 2
     assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_tiny_synthetic_multirun_through_to_a_table_and_plots(tmp_path, capsys):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from experiments import plots
+
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run(
+        [sys.executable, "-m", "experiments.train", "-m", "variant=lora,dora", "variant.rank=2,4", "seed=0,1",
+         "optim.max_steps=20", "task.n_train=256", "task.n_val=64", "task.n_test=64", "logger=none",
+         f"results_dir={tmp_path}"],
+        capture_output=True, text=True, cwd=root, timeout=300,
+        env={**os.environ, "WANDB_MODE": "disabled", "LORABENCH_NO_PROGRESS": "1"})
+    assert out.returncode == 0, out.stderr
+    assert aggregate.main(["--results-dir", str(tmp_path)]) == 0
+    table = capsys.readouterr().out
+    rows = [ln for ln in table.splitlines() if ln.startswith("| synthetic |")]
+    assert len(rows) == 4 and all("| 2 |" in r for r in rows)  # 2 variants x 2 ranks, n = 2 seeds each
+    assert "8 ok runs, 0 failed" in table
+    assert any(p.name == "rank_vs_fit_synthetic.png" for p in plots.make_all(tmp_path))
+
+
+def test_demo_runs_the_commands_a_user_would_type():
+    from experiments import demo
+
+    cmds = [" ".join(c[1:]) for c in demo.steps("results/demo", "lora,dora", "2,8", jobs=1)]
+    assert cmds[0].startswith("-m experiments.train -m experiment=demo") and "variant.rank=2,8" in cmds[0]
+    assert "variant=full,head" in cmds[1] and "variant.rank" not in cmds[1]
+    assert cmds[2:] == ["-m experiments.aggregate --results-dir results/demo",
+                        "-m experiments.plots --results-dir results/demo"]

