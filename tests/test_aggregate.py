@@ -129,6 +129,7 @@ def test_demo_runs_the_commands_a_user_would_type():
 
     cmds = [" ".join(c[1:]) for c in demo.steps("results/demo", "lora,dora", "2,8", jobs=1)]
     assert cmds[0].startswith("-m experiments.train -m experiment=demo") and "variant.rank=2,8" in cmds[0]
-    assert "variant=full,head" in cmds[1] and "variant.rank" not in cmds[1]
-    assert cmds[2:] == ["-m experiments.aggregate --results-dir results/demo",
+    assert "variant=head" in cmds[1] and "variant.rank" not in cmds[1]
+    assert "variant=full" in cmds[2] and "optim.lr=5e-5" in cmds[2]
+    assert cmds[3:] == ["-m experiments.aggregate --results-dir results/demo",
                         "-m experiments.plots --results-dir results/demo"]
