@@ -8,7 +8,7 @@ export WANDB_MODE ?= offline
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
-.PHONY: setup assets demo test test-full lint bench clean
+.PHONY: setup assets demo tables plots test test-full lint bench clean
 
 setup: $(STAMP)
 
@@ -34,6 +34,14 @@ $(ASSETS_STAMP): $(STAMP) experiments/assets.py
 
 demo: $(STAMP) $(ASSETS_STAMP)
 	$(BIN)/python -m experiments.demo
+
+# a sweep's records -> tables (fair protocol: each variant at its val-best lr) and plots; RESULTS=results/demo ...
+RESULTS ?= results
+tables: $(STAMP)
+	$(BIN)/python -m experiments.aggregate --results-dir "$(RESULTS)" --select-lr
+
+plots: $(STAMP)
+	$(BIN)/python -m experiments.plots --results-dir "$(RESULTS)"
 
 test: $(STAMP) $(ASSETS_STAMP)
 	WANDB_MODE=disabled $(BIN)/python -m pytest -q -n 2

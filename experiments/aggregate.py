@@ -198,6 +198,9 @@ def main(argv=None) -> int:
     ap.add_argument("--task", default=None)
     ap.add_argument("--baseline", default="lora")
     ap.add_argument("--select-lr", action="store_true", help="keep the val-best lr per variant (fair protocol)")
+    ap.add_argument("--wandb", action="store_true",
+                    help="also log the tables and <results-dir>/plots/*.png to a W&B summary run (WANDB_MODE)")
+    ap.add_argument("--wandb-project", default="lorabench")
     args = ap.parse_args(argv)
     df, failed = load(args.results_dir)
     if args.task is not None and not df.empty:
@@ -220,6 +223,14 @@ def main(argv=None) -> int:
     print(f"\n{len(df)} ok runs, {len(failed)} failed; tables: {', '.join(str(p) for p in paths.values())}")
     for _, f in failed.iterrows():
         print(f"  failed {f['run_id']} {f.get('variant')} {f.get('task')}: {f['error']}")
+    if args.wandb:
+        from experiments.wandb_log import log_summary
+
+        images = sorted((Path(args.results_dir) / "plots").glob("*.png"))
+        logged = log_summary(args.results_dir, {f"summary_{metric}": chosen.drop(columns=["seeds"], errors="ignore"),
+                                                "failed": failed}, images, args.wandb_project)
+        if logged:
+            print(f"W&B summary run ({len(images)} plots): {logged}")
     return 0
 
 

@@ -25,6 +25,8 @@ import warnings
 import zlib
 from pathlib import Path
 
+from experiments.files import atomic_dir
+
 DEFAULT_DIR = "~/.cache/lorabench/assets"
 DEBS = {"janeaustenr": "r-cran-janeaustenr", "modeldata": "r-cran-modeldata"}
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -67,9 +69,7 @@ def smollm2_path(root: str | os.PathLike | None = None, convert: bool = True) ->
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=out.parent))
-    try:
+    def convert_into(tmp: Path) -> None:
         tok = AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM2_GGUF)
         model = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
         model.hf_quantizer = None  # dequantized to float Linear weights; the gguf marker blocks saving
@@ -77,13 +77,8 @@ def smollm2_path(root: str | os.PathLike | None = None, convert: bool = True) ->
             del model.config.quantization_config
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        try:
-            tmp.rename(out)  # atomic: a concurrent conversion either wins or finds the finished one
-        except OSError:
-            if not (out / "model.safetensors").exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    atomic_dir(out, convert_into)  # a concurrent conversion either wins or finds the finished one
     return out
 
 
@@ -181,10 +176,7 @@ def fetch_debian(package: str, root: str | os.PathLike | None = None) -> Path:
                              f"{(run.stderr or run.stdout).strip().splitlines()[-1:]}")
         subprocess.run(["dpkg-deb", "-x", str(debs[0]), f"{tmp}/x"], check=True)
         src = Path(tmp) / "x" / "usr" / "lib" / "R" / "site-library" / package
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{package}-", dir=dest.parent))
-        shutil.copytree(src, staging, dirs_exist_ok=True)
-        staging.rename(dest)
+        atomic_dir(dest, lambda staging: shutil.copytree(src, staging, dirs_exist_ok=True))
     return dest
 
 

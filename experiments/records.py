@@ -11,8 +11,9 @@ import json
 import os
 import platform
 import subprocess
-import tempfile
 from pathlib import Path
+
+from experiments.files import atomic_write
 
 SCHEMA = 1
 # where things go, how they are shown, how fast they run: none of it changes a run's result
@@ -59,19 +60,11 @@ def finished(results_dir, rid: str) -> bool:
 
 
 def write(results_dir, record: dict) -> Path:
-    """Atomic: write a temp file in the same directory, then rename over the target."""
-    path = record_path(results_dir, record["run_id"])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(record, f, indent=1, default=_jsonable)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """Atomic: a reader (or a resumed sweep) never sees half a record."""
+    def dump(tmp: Path) -> None:
+        tmp.write_text(json.dumps(record, indent=1, default=_jsonable) + "\n")
+
+    return atomic_write(record_path(results_dir, record["run_id"]), dump)
 
 
 def _jsonable(x):

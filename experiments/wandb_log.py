@@ -57,3 +57,31 @@ class WandbRun:
         if self.run is not None:
             self.run.finish(exit_code=1 if exc[0] else 0)
         return False
+
+
+def log_summary(results_dir, tables: dict, images: list, project: str = "lorabench") -> str | None:
+    """One W&B run (job_type ``summary``) holding a sweep's tables (``wandb.Table``) and plots
+    (``wandb.Image``), next to the per-run mirrors in ``<results_dir>/wandb``. Offline unless WANDB_MODE
+    says otherwise; WANDB_MODE=disabled logs nothing. Returns the run's local folder, or None."""
+    mode = os.environ.get("WANDB_MODE") or "offline"
+    if mode == "disabled":
+        return None
+    try:
+        import wandb
+
+        wandb_dir = os.path.join(results_dir, "wandb")
+        os.makedirs(wandb_dir, exist_ok=True)
+        name = os.path.basename(os.path.abspath(results_dir))
+        run = wandb.init(project=project, mode=mode, dir=wandb_dir, job_type="summary", name=f"summary-{name}",
+                         tags=["summary"], reinit="finish_previous", settings=wandb.Settings(silent=True))
+        for key, df in ((k, v) for k, v in tables.items() if not v.empty):
+            flat = df.reset_index(drop=True).astype({c: str for c in df.columns if df[c].dtype == object})
+            run.log({f"table/{key}": wandb.Table(dataframe=flat)})
+        run.log({f"plot/{os.path.splitext(os.path.basename(p))[0]}": wandb.Image(str(p)) for p in images})
+        folder = run.dir
+        run.finish()
+        return os.path.dirname(folder)
+    except Exception as e:  # noqa: BLE001 - the tables are already on disk; W&B is a mirror
+        print(f"[lorabench] warning: W&B summary not logged ({type(e).__name__}: {e})".splitlines()[0],
+              file=sys.stderr)
+        return None

@@ -95,6 +95,35 @@ def test_cli_writes_markdown_latex_csv_and_lists_failures(results, capsys):
     assert "\\toprule" in (results / "tables" / "summary_accuracy.tex").read_text()
 
 
+def test_wandb_summary_run_holds_the_table_and_the_plots_offline(results, capsys, monkeypatch):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    (results / "plots").mkdir()
+    plt.plot([1, 2], [3, 4])
+    plt.savefig(results / "plots" / "rank_vs_accuracy_toy.png")
+    plt.close("all")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    assert aggregate.main(["--results-dir", str(results), "--wandb"]) == 0
+    assert "W&B summary run (1 plots)" in capsys.readouterr().out
+    media = list((results / "wandb").glob("**/offline-run-*/files/media/**/*"))
+    names = [p.name for p in media if p.is_file()]
+    assert any(n.startswith("summary_accuracy") and n.endswith(".table.json") for n in names), names
+    assert any(n.startswith("failed") and n.endswith(".table.json") for n in names), names
+    assert any(n.startswith("rank_vs_accuracy_toy") and n.endswith(".png") for n in names), names
+    table = next(p for p in media if p.name.startswith("summary_accuracy") and p.name.endswith(".table.json"))
+    assert {"variant", "mean", "ci_low"} <= set(json.loads(table.read_text())["columns"])
+
+
+def test_wandb_disabled_logs_no_summary(results, capsys, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert aggregate.main(["--results-dir", str(results), "--wandb"]) == 0
+    assert "W&B summary" not in capsys.readouterr().out and not (results / "wandb").exists()
+
+
 def test_cli_with_no_records_is_one_error_line(tmp_path, capsys):
     assert aggregate.main(["--results-dir", str(tmp_path)]) == 2
     assert capsys.readouterr().err.count("\n") == 1
@@ -127,9 +156,21 @@ def test_tiny_synthetic_multirun_through_to_a_table_and_plots(tmp_path, capsys):
 def test_demo_runs_the_commands_a_user_would_type():
     from experiments import demo
 
-    cmds = [" ".join(c[1:]) for c in demo.steps("results/demo", "lora,dora", "2,8", jobs=1)]
-    assert cmds[0].startswith("-m experiments.train -m experiment=demo") and "variant.rank=2,8" in cmds[0]
-    assert "variant=head" in cmds[1] and "variant.rank" not in cmds[1]
-    assert "variant=full" in cmds[2] and "optim.lr=5e-5" in cmds[2]
-    assert cmds[3:] == ["-m experiments.aggregate --results-dir results/demo",
-                        "-m experiments.plots --results-dir results/demo"]
+    cmds = [" ".join(c[1:]) for c in demo.steps("results/demo", "lora,dora,galore", "2,8", jobs=1)]
+    sweeps = [c for c in cmds if c.startswith("-m experiments.train -m experiment=demo")]
+    assert len(sweeps) == 4 and all("results_dir=results/demo" in c for c in sweeps)
+    # one sweep per learning rate: lora and dora share theirs, galore has its own
+    assert "variant=lora,dora variant.rank=2,8 optim.lr=4e-3" in cmds[0]
+    assert f"variant=galore variant.rank=2,8 optim.lr={demo.LRS['galore']}" in cmds[1]
+    assert f"variant=full optim.lr={demo.LRS['full']}" in cmds[2] and "variant.rank" not in cmds[2]
+    assert f"variant=head optim.lr={demo.LRS['head']}" in cmds[3]
+    assert cmds[4:] == ["-m experiments.plots --results-dir results/demo",
+                        "-m experiments.aggregate --results-dir results/demo --wandb"]
+    assert set(demo.LRS) == {*demo.LOW_RANK, "full", "head"}
+
+
+def test_demo_rejects_an_unknown_variant_in_one_line(capsys):
+    from experiments import demo
+
+    assert demo.main(["--variants", "lora,nope"]) == 2
+    assert capsys.readouterr().err.count("\n") == 1

@@ -18,7 +18,7 @@ from test_train import CONF
 from torch import nn
 from torch.utils.data import DataLoader
 
-from experiments import assets, records, tasks
+from experiments import assets, hub, records, tasks
 from experiments.assets import AssetError
 from experiments.tasks import TaskError, causal_lm
 from experiments.train import ConfigError, _variant, run
@@ -128,6 +128,23 @@ def test_untouched_model_has_zero_forget_increase_and_its_base_perplexity(cache)
     assert 10 < m["perplexity"] < 200 and m["forget_perplexity"] > m["perplexity"]  # news is less like Austen
 
 
+def test_forgetting_is_scored_once_per_state_of_the_weights(cache, monkeypatch):
+    task = build(cache)
+    scored = []
+    fixed = causal_lm._fixed_batches
+    monkeypatch.setattr(causal_lm, "_fixed_batches", lambda split, device: scored.append(1) or fixed(split, device))
+    loader = DataLoader(task.data.val, batch_size=2, collate_fn=task.data.collate)
+    with torch.inference_mode():
+        first = task.data.evaluate(task.model, loader)
+        again = task.data.evaluate(task.model, loader)  # val, then test, on the same weights: scored once
+    assert len(scored) == 1 and again["forget_perplexity"] == first["forget_perplexity"]
+    with torch.no_grad():
+        task.model.model.norm.weight.mul_(1.5)  # an in-place update, as an optimizer step makes
+    with torch.inference_mode():
+        moved = task.data.evaluate(task.model, loader)
+    assert len(scored) == 2 and moved["forget_perplexity"] != first["forget_perplexity"]
+
+
 def test_tokens_and_base_perplexities_are_computed_once_and_cached(tmp_path, monkeypatch):
     torch.manual_seed(3)
     first = build(tmp_path)
@@ -206,11 +223,10 @@ def test_hub_config_composes_and_fails_offline_in_one_line_quickly(tmp_path, cac
 
 
 def test_hub_config_without_network_fails_in_one_line(tmp_path, cache, monkeypatch):
-    import huggingface_hub
-
-    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(causal_lm, "_hub_reachable", lambda timeout=5.0: False)
+    for var in hub.OFFLINE_VARIABLES:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(hub, "unreachable", lambda: "huggingface.co: Name or service not known")
+    monkeypatch.setattr(causal_lm, "_load_gsm8k", lambda: pytest.fail("tried the hub"))
     opts = {k: v for k, v in config(tmp_path, cache, "lm_gsm8k")["task"].items() if k != "name"}
     with pytest.raises(AssetError, match="unreachable") as err:
         tasks.build("lm_gsm8k", **{**opts, **TINY})
@@ -221,7 +237,7 @@ def test_gsm8k_text_path_with_a_stand_in_dataset(cache, monkeypatch):
     problem = {"question": "Tom has 3 apples and buys 4 more. How many apples does he have?",
                "answer": "He has 3 + 4 = <<3+4=7>>7 apples.\n#### 7"}
     monkeypatch.setattr(causal_lm, "_load_gsm8k", lambda: {"train": [problem] * 40, "heldout": [problem] * 20})
-    pools = causal_lm.text_pools("gsm8k", str(assets.assets_dir()))
+    pools = causal_lm.text_pools("gsm8k", str(assets.assets_dir()), hub.Hub(["gsm8k"], "task=lm", local_only=True))
     assert pools["train"][0] == f"Question: {problem['question']}\nAnswer: {problem['answer']}"
     assert len(pools["train"]) == 40 and len(pools["heldout"]) == 20
     task = tasks.build("lm_gsm8k", model="smollm2", dataset="gsm8k", cache_dir=cache, **TINY)

@@ -23,6 +23,9 @@ from variants import TargetError, VariantError
         ("lora_plus", {"ratio": 0}, "ratio=0"),
         ("lora", {"rnk": 4}, "no option 'rnk'"),
         ("lora", {"targets": []}, "targets=[]"),
+        ("lora", {"param_budget": 0}, "param_budget=0"),
+        ("dora", {"param_budget": 1.5}, "param_budget=1.5"),
+        ("adalora", {"param_budget": 1000}, "no option 'param_budget'"),  # its budget is a rank schedule
     ],
 )
 def test_bad_option_names_the_option(name, options, fragment):
@@ -90,3 +93,25 @@ def test_regex_matches_whole_names():
 def test_all_linear_excludes_the_head():
     names = variants.resolve_targets(tiny_llama(), "all-linear", head=("lm_head",))
     assert len(names) == 14 and "lm_head" not in names
+
+
+@pytest.mark.parametrize("name", ["lora", "lora_plus", "dora"])
+@pytest.mark.parametrize("targets, rank", [("qv", 8), ("q", 16), ("qkvo", 4), ("mlp", 7)])
+def test_param_budget_sets_the_largest_rank_that_fits(name, targets, rank):
+    # tiny BERT: hidden 32, intermediate 37, 2 layers. The budget of r=8 on q,v: 8 x (32+32) x 2 x 2 = 2048;
+    # mlp: (32+37) x 2 matrices x 2 layers = 276 per rank -> floor(2048 / 276) = 7
+    model = tiny_bert()
+    dims = {n: (m.in_features, m.out_features) for n, m in model.named_modules() if hasattr(m, "in_features")}
+    v = variants.create(name, targets=targets, param_budget=2048, rank=1)
+    v.apply(model)
+    per_rank = sum(sum(dims[n]) for n in v.target_modules)
+    assert v.cfg.rank == 2048 // per_rank and v.cfg.rank * per_rank <= 2048 < (v.cfg.rank + 1) * per_rank
+    ab = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and ("lora_A" in n or "lora_B" in n))
+    assert ab == v.cfg.rank * per_rank
+    assert v.cfg.rank == rank
+    assert v.cfg.scale == v.cfg.alpha / v.cfg.rank  # the scale follows the resolved rank
+
+
+def test_param_budget_below_rank_one_is_an_error():
+    with pytest.raises(VariantError, match="param_budget=10: rank 1 on these 4 targets already takes 256"):
+        variants.create("lora", targets="qv", param_budget=10).apply(tiny_bert())

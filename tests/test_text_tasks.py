@@ -15,7 +15,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from test_train import CONF
 
-from experiments import records, tasks
+from experiments import hub, records, tasks
 from experiments.assets import AssetError
 from experiments.tasks import TaskError
 from experiments.tasks import text_classification as tc
@@ -199,7 +199,7 @@ def test_sentence_pairs_are_encoded_together(tmp_path, monkeypatch):
     pairs = {"sentence1": df["text"].to_numpy(), "sentence2": df["text"].to_numpy()[::-1], "label": df["label"]}
     glue = {"train": pd.DataFrame(pairs).iloc[:100], "validation": pd.DataFrame(pairs).iloc[100:]}
     monkeypatch.setattr(tc, "_load_glue", lambda config: glue)
-    monkeypatch.setattr(tc.Hub, "connect", classmethod(lambda cls, names: cls(names, local_only=False)))
+    monkeypatch.setattr(hub.Hub, "connect", classmethod(lambda cls, names, instead: cls(names, instead, False)))
     task = tasks.build("glue_mrpc", dataset="glue/mrpc", model="minilm", n_train=20, n_val=None, n_test=None,
                        max_length=32, cache_dir=str(tmp_path))
     assert task.info["val"]["n"] == 10 and task.info["test"]["n"] == 20
@@ -228,9 +228,9 @@ def test_hub_tasks_compose_and_fail_offline_quickly_in_one_line(name, dataset, l
 
 
 def test_an_unreachable_hub_fails_at_once_without_trying(tmp_path, monkeypatch):
-    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+    for var in hub.OFFLINE_VARIABLES:
         monkeypatch.delenv(var, raising=False)
-    monkeypatch.setattr(tc, "hub_unreachable", lambda: "huggingface.co: Name or service not known")
+    monkeypatch.setattr(hub, "unreachable", lambda: "huggingface.co: Name or service not known")
     monkeypatch.setattr(tc, "_load_glue", lambda config: pytest.fail("tried the hub"))
     with pytest.raises(AssetError, match=r"unreachable here \(huggingface.co: Name or service not known\)") as err:
         tasks.build("glue_sst2", dataset="glue/sst2", model="roberta-base", cache_dir=str(tmp_path))

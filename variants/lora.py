@@ -108,11 +108,27 @@ def adapter_layers(model: nn.Module, cls: type[nn.Module] = LoRALinear):
 @dataclass
 class LoRAConfig(LowRankConfig):
     init: str = "kaiming"  # A's init; B is always 0
+    # A fixed number of A and B parameters instead of a fixed rank: apply() sets rank to the largest r with
+    # r * sum(d_in + d_out) <= param_budget over the targeted matrices (LoRA paper, Table 5: one budget,
+    # r=8 on one matrix type, 4 on two, 2 on four). DoRA's magnitude vectors come on top.
+    param_budget: int | None = None
 
     def validate(self) -> None:
         super().validate()
         if self.init not in ("kaiming", "gaussian"):
             raise VariantError(f"invalid option init={self.init!r}: expected 'kaiming' or 'gaussian'")
+        b = self.param_budget
+        if b is not None and (not isinstance(b, int) or isinstance(b, bool) or b < 1):
+            raise VariantError(f"invalid option param_budget={b!r}: expected a positive integer or null")
+
+
+def budget_rank(model: nn.Module, names: list[str], budget: int) -> int:
+    """The largest rank whose A and B matrices on ``names`` hold at most ``budget`` parameters."""
+    per_rank = sum(model.get_submodule(n).in_features + model.get_submodule(n).out_features for n in names)
+    if budget < per_rank:
+        raise VariantError(f"invalid option param_budget={budget}: rank 1 on these {len(names)} targets "
+                           f"already takes {per_rank:,} parameters")
+    return budget // per_rank
 
 
 @register("lora")
@@ -130,6 +146,9 @@ class LoRA(Variant):
 
     def _adapt(self, model: nn.Module) -> None:
         self.target_modules = self.target_names(model)
+        budget = getattr(self.cfg, "param_budget", None)  # AdaLoRA's budget is its rank schedule instead
+        if budget is not None:
+            self.cfg.rank = budget_rank(model, self.target_modules, budget)
         for layer in wrap_targets(model, self.target_modules, self.make_layer).values():
             for n, p in layer.named_parameters():
                 p.requires_grad_(not n.startswith("base_layer."))

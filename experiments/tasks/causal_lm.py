@@ -25,14 +25,10 @@ base once.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import json
 import math
-import os
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import torch
@@ -41,7 +37,8 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from experiments import assets
-from experiments.assets import AssetError
+from experiments.files import atomic_write
+from experiments.hub import Hub, quiet, tokenizer_fingerprint
 from experiments.tasks import Task, TaskError
 from experiments.trainer import TaskData, pick_device, to_device
 
@@ -68,14 +65,14 @@ def _guardian() -> tuple[str, ...]:
     return tuple(assets.guardian_headlines())
 
 
-def text_pools(dataset: str, assets_dir: str) -> dict[str, list[str]]:
+def text_pools(dataset: str, assets_dir: str, hub: Hub | None = None) -> dict[str, list[str]]:
     """{"train": documents, "heldout": documents}; validation and test blocks both come from "heldout"."""
     if dataset == "austen":
         novels = _austen(assets_dir)
         return {"train": [novels[k] for k in sorted(novels) if k not in AUSTEN_HELDOUT],
                 "heldout": [novels[k] for k in AUSTEN_HELDOUT]}
     # GSM8K: training on the train split, validation and test from the test split (1,319 problems)
-    splits = _from_hub("dataset openai/gsm8k", _load_gsm8k)
+    splits = hub.load(_load_gsm8k)
     return {pool: [f"Question: {row['question']}\nAnswer: {row['answer']}" for row in rows]
             for pool, rows in splits.items()}
 
@@ -83,7 +80,8 @@ def text_pools(dataset: str, assets_dir: str) -> dict[str, list[str]]:
 def _load_gsm8k() -> dict[str, list[dict]]:
     import datasets
 
-    ds = datasets.load_dataset("openai/gsm8k", "main")
+    with quiet():
+        ds = datasets.load_dataset("openai/gsm8k", "main")
     return {"train": list(ds["train"]), "heldout": list(ds["test"])}
 
 
@@ -92,78 +90,26 @@ def forget_pool(forget_dataset: str) -> list[str]:
     return ["\n".join(_guardian())]
 
 
-# --- the hub (lm_gsm8k) ----------------------------------------------------------------------------
-
-def _hub_offline() -> bool:
-    import huggingface_hub
-
-    env = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-    return env or bool(huggingface_hub.constants.HF_HUB_OFFLINE)
-
-
-def _hub_reachable(timeout: float = 5.0) -> bool:
-    import huggingface_hub
-
-    try:
-        request = urllib.request.Request(huggingface_hub.constants.ENDPOINT, method="HEAD")
-        urllib.request.urlopen(request, timeout=timeout).close()
-    except urllib.error.HTTPError:
-        return True  # an answer, even an error status, means the network works
-    except (OSError, ValueError):
-        return False
-    return True
-
-
-def _from_hub(what: str, load):
-    """``load()`` something from the Hugging Face Hub, or raise a one-line AssetError (never hang offline)."""
-    offline = _hub_offline()
-    if not offline and not _hub_reachable():
-        raise AssetError(f"{what} needs the Hugging Face Hub, which is unreachable: connect to the internet "
-                         "(or set HF_HUB_OFFLINE=1 if it is already cached), or use task=lm offline")
-    try:
-        return load()
-    except Exception as e:  # noqa: BLE001 - any failure to fetch is one line for the user
-        if offline:
-            raise AssetError(f"{what} is not in the local Hugging Face cache and HF_HUB_OFFLINE=1: download it "
-                             "once with internet access, or use task=lm offline") from None
-        first = (str(e).strip().splitlines() or [""])[0]
-        raise AssetError(f"{what} could not be loaded from the Hugging Face Hub ({type(e).__name__}: {first});"
-                         " use task=lm offline") from None
-
-
 # --- model and tokenizer ---------------------------------------------------------------------------
 
-@contextlib.contextmanager
-def _quiet_loading():
-    """No "Loading weights" progress bar in every run's output; the previous setting is restored."""
-    from transformers.utils import logging
-
-    was = logging.is_progress_bar_enabled()
-    logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was:
-            logging.enable_progress_bar()
-
-
-def load_tokenizer(model: str, assets_dir: str):
+def load_tokenizer(model: str, assets_dir: str, hub: Hub | None = None):
     from transformers import AutoTokenizer
 
     if model == SMOLLM2:
         return AutoTokenizer.from_pretrained(assets.smollm2_path(assets_dir))
-    return _from_hub(f"model {model}", lambda: AutoTokenizer.from_pretrained(model))
+    return hub.load(lambda: AutoTokenizer.from_pretrained(model, local_files_only=hub.local_only))
 
 
-def load_model(model: str, assets_dir: str) -> nn.Module:
+def load_model(model: str, assets_dir: str, hub: Hub | None = None) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
     # fork_rng: building the task must not move the run's RNG streams, whatever the loader initialises
-    with torch.random.fork_rng(devices=[]), _quiet_loading():
+    with torch.random.fork_rng(devices=[]), quiet():
         if model == SMOLLM2:
             m = AutoModelForCausalLM.from_pretrained(assets.smollm2_path(assets_dir), dtype=torch.float32)
         else:
-            m = _from_hub(f"model {model}", lambda: AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32))
+            m = hub.load(lambda: AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32,
+                                                                      local_files_only=hub.local_only))
     m.config.use_cache = False  # nothing here generates; a KV cache would only cost memory in training
     return m.eval()
 
@@ -178,12 +124,6 @@ def model_fingerprint(model: nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def tokenizer_fingerprint(tok) -> str:
-    backend = getattr(tok, "backend_tokenizer", None)  # fast tokenizers serialise their whole definition
-    spec = backend.to_str() if backend is not None else f"{tok.name_or_path}:{len(tok)}"
-    return hashlib.sha256(f"{spec}|eos={tok.eos_token_id}".encode()).hexdigest()[:16]
-
-
 def text_fingerprint(pools: dict[str, list[str]]) -> str:
     h = hashlib.sha256()
     for pool in sorted(pools):
@@ -194,14 +134,6 @@ def text_fingerprint(pools: dict[str, list[str]]) -> str:
 
 
 # --- tokens and blocks -----------------------------------------------------------------------------
-
-def _atomic_write(path: Path, write) -> None:
-    """``write(tmp)`` then rename: a reader sees the whole file or none (parallel jobs write identical ones)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
 
 def token_streams(pools: dict[str, list[str]], tok, cache_dir: str, label: str) -> tuple[dict, str]:
     """Each pool as one token stream (documents joined by EOS), cached on disk; and the data fingerprint.
@@ -220,7 +152,7 @@ def token_streams(pools: dict[str, list[str]], tok, cache_dir: str, label: str) 
         ids = tok(list(docs), add_special_tokens=False, verbose=False)["input_ids"]
         flat = [t for doc in ids for t in [*doc, tok.eos_token_id]]
         streams[pool] = torch.tensor(flat, dtype=torch.int32)  # vocabularies fit int32: half the disk
-    _atomic_write(path, lambda tmp: save_file(streams, str(tmp)))
+    atomic_write(path, lambda tmp: save_file(streams, str(tmp)))
     return {k: v.long() for k, v in streams.items()}, data_fp
 
 
@@ -299,7 +231,7 @@ def base_perplexity(model: nn.Module, split: torch.Tensor, model_fp: str, cache_
     model.to("cpu")  # the trainer moves it to the run's device
     record = {"metrics": metrics, "model": model_fp, "blocks": blocks_fp, "shape": list(split.shape),
               "device": device.type}
-    _atomic_write(path, lambda tmp: tmp.write_text(json.dumps(record, indent=1)))
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(record, indent=1)))
     return metrics
 
 
@@ -320,10 +252,13 @@ def build(model: str = SMOLLM2, dataset: str = "austen", forget_dataset: str | N
             raise TaskError(f"invalid option task.{name}={n!r}: expected an integer >= 1")
     assets_dir = str(assets.assets_dir(assets_dir))
 
+    from_hub = [f"model {model}"] * (model != SMOLLM2) + ["dataset openai/gsm8k"] * (dataset == "gsm8k")
+    hub = Hub.connect(from_hub, instead="task=lm") if from_hub else None  # unreachable: fail before any work
+
     # the tokenizer and data first: they are cheap and, for hub configs, the likeliest to be missing
-    tok = load_tokenizer(model, assets_dir)
-    streams, data_fp = token_streams(text_pools(dataset, assets_dir), tok, cache_dir, dataset)
-    net = load_model(model, assets_dir)
+    tok = load_tokenizer(model, assets_dir, hub)
+    streams, data_fp = token_streams(text_pools(dataset, assets_dir, hub), tok, cache_dir, dataset)
+    net = load_model(model, assets_dir, hub)
     max_len = getattr(net.config, "max_position_embeddings", None)
     if max_len is not None and seq_len > max_len:
         raise TaskError(f"invalid option task.seq_len={seq_len}: {model} handles at most {max_len} tokens")
@@ -357,11 +292,18 @@ def build(model: str = SMOLLM2, dataset: str = "austen", forget_dataset: str | N
     def loss(model, batch):
         return model(**batch).loss
 
+    scored = {}  # the forgetting score of the weights as they were last scored
+
     def evaluate(model, loader) -> dict:
         metrics = perplexity(model, loader)
         if forget is not None:
-            after = perplexity(model, _fixed_batches(forget, next(model.parameters()).device))["perplexity"]
-            metrics.update(forget_perplexity=after, forget_increase=after - base["forget"])
+            # the trainer scores val and then test on the same weights: score the forgetting text once.
+            # Every in-place update (optimizer step, restoring the best weights) bumps a tensor's _version.
+            weights = (id(model), tuple(p._version for p in model.parameters()))
+            if scored.get("weights") != weights:
+                after = perplexity(model, _fixed_batches(forget, next(model.parameters()).device))["perplexity"]
+                scored.update(weights=weights, after=after)
+            metrics.update(forget_perplexity=scored["after"], forget_increase=scored["after"] - base["forget"])
         return metrics
 
     data = TaskData(train=TensorDataset(train["n_train"]), val=TensorDataset(held["n_val"]),

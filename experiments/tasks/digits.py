@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from experiments.files import atomic_write
 from experiments.tasks import Task, TaskError
 from experiments.trainer import TaskData
 
@@ -100,12 +101,9 @@ def cached_base(cache_dir: str | os.PathLike, splits, split_spec: list, **spec) 
     val_acc = per_class_accuracy(model, *splits["val"])
     weak = int(np.argmin(val_acc))  # ties: the lowest class index
     facts = {"spec": spec, "weak_class": weak, "base_val_class_acc": val_acc}
-    root.mkdir(parents=True, exist_ok=True)
-    pid = os.getpid()  # parallel sweep jobs may pretrain at once: both write identical files atomically
-    save_file(model.state_dict(), f"{weights}.{pid}.tmp")
-    Path(f"{facts_path}.{pid}.tmp").write_text(json.dumps(facts, indent=1))
-    os.replace(f"{weights}.{pid}.tmp", weights)
-    os.replace(f"{facts_path}.{pid}.tmp", facts_path)
+    # parallel sweep jobs may pretrain at once: they write identical files, each atomically
+    atomic_write(weights, lambda tmp: save_file(model.state_dict(), str(tmp)))
+    atomic_write(facts_path, lambda tmp: tmp.write_text(json.dumps(facts, indent=1)))
     return model, facts
 
 

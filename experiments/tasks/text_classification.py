@@ -24,24 +24,19 @@ Metrics: ``accuracy`` (the main metric) and ``macro_f1`` (the mean of per-class 
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import json
-import os
-import shutil
-import socket
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
-from urllib.parse import urlparse
 
 import numpy as np
 import torch
 
 from experiments import assets
-from experiments.assets import AssetError
+from experiments.files import atomic_dir
+from experiments.hub import Hub, quiet, tokenizer_fingerprint
 from experiments.tasks import Task, TaskError
 from experiments.trainer import TaskData
 
@@ -81,7 +76,7 @@ def load_source(dataset: str, assets_dir: str | None, hub: Hub | None = None) ->
 def _load_glue(config: str) -> dict:
     import datasets
 
-    with _quiet():
+    with quiet():
         dd = datasets.load_dataset("nyu-mll/glue", config)  # "glue" is a redirect to this canonical repo
     columns = [*HUB_DATASETS[f"glue/{config}"], "label"]
     return {split: dd[split].to_pandas()[columns] for split in ("train", "validation")}
@@ -155,18 +150,6 @@ def tokenize(dataset, tokenizer, max_length: int, text_columns: tuple[str, ...],
     return dataset.map(encode, batched=True, remove_columns=dataset.column_names, new_fingerprint=fingerprint)
 
 
-def tokenizer_fingerprint(tokenizer) -> str:
-    """The tokenizer's content (vocabulary, normaliser, special tokens), not its path. Its truncation and
-    padding settings are left out: each call with ``max_length`` rewrites them on the backend."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        spec = {k: v for k, v in json.loads(backend.to_str()).items() if k not in ("truncation", "padding")}
-        blob = json.dumps(spec, sort_keys=True)
-    else:
-        blob = f"{type(tokenizer).__name__}:{tokenizer.name_or_path}"
-    return hashlib.sha256(f"{blob}|{tokenizer.padding_side}|{tokenizer.model_input_names}".encode()).hexdigest()
-
-
 def cached_tokens(df, tokenizer, max_length: int, text_columns, cache_dir, split_sha: str):
     """Tokenise once per (split, tokenizer, max_length); later builds load the saved dataset."""
     import datasets
@@ -178,20 +161,10 @@ def cached_tokens(df, tokenizer, max_length: int, text_columns, cache_dir, split
     if path.exists():
         return datasets.load_from_disk(str(path))
     table = datasets.Dataset.from_pandas(df[[*text_columns, "label"]].reset_index(drop=True), preserve_index=False)
-    with _quiet():
+    with quiet():
         tokens = tokenize(table, tokenizer, max_length, tuple(text_columns), key[:32])
-        root.mkdir(parents=True, exist_ok=True)
-        # Parallel sweep jobs may tokenise the same split at once: each writes its own folder and renames it
-        # into place; a loser finds the winner's (identical) folder there and drops its own.
-        tmp = tempfile.mkdtemp(prefix=f".{key[:8]}-", dir=root)
-        try:
-            tokens.save_to_disk(tmp)
-            os.rename(tmp, path)
-        except OSError:
-            if not path.exists():
-                raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        # parallel sweep jobs may tokenise the same split at once: the first folder renamed into place wins
+        atomic_dir(path, lambda tmp: tokens.save_to_disk(str(tmp)))
     return datasets.load_from_disk(str(path))
 
 
@@ -247,86 +220,12 @@ def load_model(model: str, num_labels: int, hub: Hub | None = None):
     from transformers import AutoModelForSequenceClassification
 
     def load(path, **kw):
-        with _quiet():  # the LOAD REPORT lists the new classifier as MISSING: expected, not news
+        with quiet():  # the LOAD REPORT lists the new classifier as MISSING: expected, not news
             return AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, **kw)
 
     if model == "minilm":
         return load(assets.minilm_path())
     return hub.load(lambda: load(model, local_files_only=hub.local_only))
-
-
-def offline_switch() -> str | None:
-    """The environment variable that puts the Hugging Face libraries offline, if one does."""
-    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
-        if os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on"):
-            return var
-    return None
-
-
-def hub_unreachable() -> str | None:
-    """Why the hub cannot be reached (3 s at most), or None. The libraries themselves would retry an
-    unreachable hub for half a minute per file before failing."""
-    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
-    try:
-        socket.create_connection((url.hostname, url.port or 443), timeout=3).close()
-    except OSError as e:
-        return f"{url.hostname}: {e.strerror or type(e).__name__}"
-    return None
-
-
-@dataclass
-class Hub:
-    """Loads from the Hugging Face hub; any failure becomes one AssetError line naming what is needed."""
-
-    names: list[str]  # what this task needs from the hub, for the message
-    local_only: bool  # an offline switch is set: only the local Hugging Face cache is tried
-
-    @classmethod
-    def connect(cls, names: list[str]) -> Hub:
-        """With no offline switch and no connection, fail at once, before any work."""
-        switch = offline_switch()
-        why = None if switch else hub_unreachable()
-        if why:
-            raise AssetError(f"{cls._needs(names)}, which is unreachable here ({why}): run with internet "
-                             f"(or set HF_HUB_OFFLINE=1 to use a local cache), {_OFFLINE_HINT}")
-        return cls(names, local_only=switch is not None)
-
-    def load(self, fn):
-        try:
-            return fn()
-        except (OSError, ValueError) as e:  # ConnectionError, OfflineModeIsEnabled, a missing repo or file
-            if self.local_only:
-                raise AssetError(f"{self._needs(self.names)}, which is unreachable here ({offline_switch()}=1) "
-                                 f"and not in the local cache: run with internet, {_OFFLINE_HINT}") from None
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise AssetError(f"{self._needs(self.names)}; loading failed: {first}") from None
-
-    @staticmethod
-    def _needs(names: list[str]) -> str:
-        return f"this task needs {' and '.join(names)} from the Hugging Face hub"
-
-
-_OFFLINE_HINT = "or use an offline task (task=sentiment or task=reviews)"
-
-
-@contextlib.contextmanager
-def _quiet():
-    """Silence transformers' and datasets' logs and progress bars (load reports, Map/Saving bars)."""
-    from datasets.utils import logging as dlog
-    from transformers.utils import logging as tlog
-
-    verbosity, t_bar, d_bar = tlog.get_verbosity(), tlog.is_progress_bar_enabled(), dlog.is_progress_bar_enabled()
-    tlog.set_verbosity_error()
-    tlog.disable_progress_bar()
-    dlog.disable_progress_bar()
-    try:
-        yield
-    finally:
-        tlog.set_verbosity(verbosity)
-        if t_bar:
-            tlog.enable_progress_bar()
-        if d_bar:
-            dlog.enable_progress_bar()
 
 
 # --- the task -------------------------------------------------------------------------------------
@@ -343,7 +242,8 @@ def build(dataset: str = "rotten_tomatoes", model: str = "minilm", n_train: int 
     if not isinstance(max_length, int) or max_length < 8:
         raise TaskError(f"invalid option task.max_length={max_length!r}: expected an integer >= 8")
     from_hub = [name for name in (model, dataset) if name != "minilm" and name not in OFFLINE_DATASETS]
-    hub = Hub.connect(from_hub) if from_hub else None  # an unreachable hub fails here, before any work
+    # an unreachable hub fails here, before any work
+    hub = Hub.connect(from_hub, instead="task=sentiment or task=reviews") if from_hub else None
 
     source = load_source(dataset, assets_dir, hub)
     tokenizer = load_tokenizer(model, hub)
