@@ -6,7 +6,10 @@
 Reads records only (no torch, no model code), so tables can be built anywhere the JSON files are.
 
 - One row per run (``load``); failed runs are counted and listed, never silently dropped.
-- ``summarize``: per setting (the config without its seed), mean ± std, n and a 95 % bootstrap CI of the
+- A setting is the config without its seed: the ``IDENTITY`` columns plus every other config key that takes
+  more than one value within a variant in these records (a ``cfg.`` column, e.g. ``cfg.variant.ratio`` in a
+  LoRA+ ratio sweep), so runs that differ in anything but the seed are never averaged together.
+- ``summarize``: per setting, mean ± std, n and a 95 % bootstrap CI of the
   test metric (``scipy.stats.bootstrap``), plus the cost columns.
 - ``select_lr``: the fair-comparison protocol: per (task, variant, everything but lr and seed) keep the
   learning rate with the best *validation* mean; report its test metric.
@@ -26,7 +29,12 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from experiments import records
+
 IDENTITY = ["task", "model", "variant", "rank", "alpha", "scaling", "targets", "lr"]  # a setting, minus seed
+# config keys that IDENTITY already covers (resolved: the record's rank, targets...), or that name the run
+_COVERED = {"seed", "optim.lr", "task.name", "variant.name", "variant.rank", "variant.alpha", "variant.scaling",
+            "variant.targets", "experiment"}
 COST = ["trainable_params", "trainable_pct", "optimizer_state_bytes", "peak_memory_bytes", "step_time_ms",
         "train_time_s"]
 
@@ -42,6 +50,8 @@ def load(results_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
             continue
         base = {k: r.get(k) for k in ["run_id", "group_id", "status", *IDENTITY, "seed"]}
         base["targets"] = _targets(base["targets"])
+        base.update({f"cfg.{k}": v for k, v in _flat(records.semantic_config(r.get("config") or {})).items()
+                     if k not in _COVERED})
         if r.get("status") != "ok":
             err = r.get("error") or {}
             failed.append({**base, "error": f"{err.get('type')}: {err.get('message')} (step {err.get('step')})"})
@@ -51,7 +61,28 @@ def load(results_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
         base.update({k: (r.get("cost") or {}).get(k) for k in COST})
         base["main_metric"], base["higher_is_better"] = r.get("main_metric"), r.get("higher_is_better", True)
         rows.append(base)
-    return pd.DataFrame(rows), pd.DataFrame(failed)
+    ok, failed = pd.DataFrame(rows), pd.DataFrame(failed)
+    return ok.drop(columns=[c for c in ok.columns if c.startswith("cfg.") and not _varies(ok, c)]), failed
+
+
+def _flat(cfg: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in cfg.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = json.dumps(v) if isinstance(v, list) else v  # hashable, for grouping
+    return out
+
+
+def _varies(df: pd.DataFrame, column: str) -> bool:
+    """Takes two or more values among one variant's runs (a key only some variants have is not a setting)."""
+    return bool((df.groupby("variant")[column].nunique() > 1).any())
+
+
+def identity(df: pd.DataFrame) -> list[str]:
+    """The columns that name a setting in ``df``: IDENTITY plus the config keys that vary."""
+    return IDENTITY + [c for c in df.columns if c.startswith("cfg.")]
 
 
 def _targets(t) -> str | None:
@@ -75,7 +106,7 @@ def bootstrap_ci(values, confidence: float = 0.95, seed: int = 0) -> tuple[float
 
 def summarize(df: pd.DataFrame, metric: str, keys: list[str] | None = None) -> pd.DataFrame:
     """Per setting: n, mean/std/CI of ``test_<metric>``, mean ``val_<metric>``, median cost columns."""
-    keys = keys or IDENTITY
+    keys = keys or identity(df)
     out = []
     for setting, g in df.groupby(keys, dropna=False, sort=True):
         test = g[f"test_{metric}"].astype(float)
@@ -91,7 +122,7 @@ def summarize(df: pd.DataFrame, metric: str, keys: list[str] | None = None) -> p
 
 def select_lr(summary: pd.DataFrame, higher_is_better: bool = True) -> pd.DataFrame:
     """Per setting without lr, the row whose validation mean is best (ties: the smaller lr)."""
-    keys = [k for k in IDENTITY if k != "lr"]
+    keys = [k for k in identity(summary) if k != "lr"]
     ordered = summary.sort_values(["val_mean", "lr"], ascending=[not higher_is_better, True])
     best = ordered.groupby(keys, dropna=False, sort=False).head(1)
     return best.sort_values(keys).reset_index(drop=True)
@@ -132,7 +163,8 @@ def paired_tests(df: pd.DataFrame, chosen: pd.DataFrame, metric: str, baseline: 
         if len(seeds) >= 6 and np.any(diff != 0):
             p_w = float(stats.wilcoxon(diff).pvalue)
         rows.append({"task": s["task"], "variant": s["variant"], "rank": s["rank"], "lr": s["lr"],
-                     "baseline": baseline, "baseline_lr": b["lr"], "n_pairs": len(seeds),
+                     **{c: s[c] for c in s.index if c.startswith("cfg.")}, "baseline": baseline,
+                     "baseline_lr": b["lr"], "n_pairs": len(seeds),
                      "mean_diff": float(diff.mean()) if len(seeds) else math.nan, "p_ttest": p_t,
                      "p_wilcoxon": p_w})
     out = pd.DataFrame(rows)
@@ -145,7 +177,7 @@ def paired_tests(df: pd.DataFrame, chosen: pd.DataFrame, metric: str, baseline: 
 
 def _by_seed(df: pd.DataFrame, setting: pd.Series, metric: str) -> dict[int, float]:
     mask = np.ones(len(df), dtype=bool)
-    for k in IDENTITY:
+    for k in identity(df):
         v = setting[k]
         mask &= df[k].isna().to_numpy() if pd.isna(v) else (df[k] == v).to_numpy()
     return {int(r["seed"]): float(r[f"test_{metric}"]) for _, r in df[mask].iterrows()}
@@ -155,14 +187,16 @@ def table(summary: pd.DataFrame, tests: pd.DataFrame | None, metric: str) -> pd.
     """The paper table: one row per setting, formatted columns."""
     t = summary.copy()
     if tests is not None and not tests.empty:
-        t = t.merge(tests[["task", "variant", "rank", "lr", "mean_diff", "p_ttest", "p_holm"]],
-                    on=["task", "variant", "rank", "lr"], how="left")
+        keys = ["task", "variant", "rank", "lr", *[c for c in tests.columns if c.startswith("cfg.")]]
+        t = t.merge(tests[[*keys, "mean_diff", "p_ttest", "p_holm"]], on=keys, how="left")
     rows = []
     for _, r in t.iterrows():
         ci = f"[{r.ci_low:.3f}, {r.ci_high:.3f}]" if not pd.isna(r.ci_low) else "–"
         rows.append({
             "task": r["task"], "variant": r["variant"], "rank": "–" if pd.isna(r["rank"]) else int(r["rank"]),
-            "lr": f"{r['lr']:.0e}", f"test {metric}": f"{r['mean']:.4f} ± {0 if pd.isna(r['std']) else r['std']:.4f}",
+            "lr": f"{r['lr']:.0e}",
+            **{c[4:]: _shown(r[c]) for c in t.columns if c.startswith("cfg.")},
+            f"test {metric}": f"{r['mean']:.4f} ± {0 if pd.isna(r['std']) else r['std']:.4f}",
             "95% CI": ci, "n": int(r["n"]),
             "Δ vs baseline": "" if pd.isna(r.get("mean_diff", math.nan)) else f"{r['mean_diff']:+.4f}",
             "p (Holm)": "" if pd.isna(r.get("p_holm", math.nan)) else f"{r['p_holm']:.3g}",
@@ -170,6 +204,13 @@ def table(summary: pd.DataFrame, tests: pd.DataFrame | None, metric: str) -> pd.
             "peak MB": f"{r['peak_memory_bytes'] / 2**20:.0f}", "ms/step": f"{r['step_time_ms']:.1f}",
         })
     return pd.DataFrame(rows)
+
+
+def _shown(v):
+    """A config value for the table: "–" where the variant has no such key, 16 rather than 16.0."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    return int(v) if isinstance(v, float) and v.is_integer() else v
 
 
 def markdown(tab: pd.DataFrame) -> str:

@@ -48,7 +48,8 @@ def main(argv=None) -> int:
     ap.add_argument("--results-dir", default="results/demo")
     ap.add_argument("--variants", default=",".join(LOW_RANK), help="the low-rank variants to sweep over rank")
     ap.add_argument("--ranks", default="2,8,32")
-    ap.add_argument("--jobs", type=int, default=1, help="parallel runs (joblib), 1 torch thread each")
+    ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
+                    help="parallel runs (joblib), 1 torch thread each (default: 2; 1 = one process, all threads)")
     args = ap.parse_args(argv)
     unknown = sorted(set(args.variants.split(",")) - set(LOW_RANK))
     if unknown:

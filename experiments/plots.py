@@ -33,12 +33,24 @@ def _save(fig, out_dir: Path, stem: str) -> list[Path]:
     return paths
 
 
+def series(chosen: pd.DataFrame) -> pd.Series:
+    """A line label per setting: the variant, plus whatever else tells its settings apart other than rank
+    and lr (alpha, targets, a swept config key such as ``variant.ratio=16``)."""
+    keys = [k for k in aggregate.identity(chosen) if k not in ("task", "model", "variant", "rank", "lr")]
+    labels = chosen["variant"].astype(str)
+    for _, g in chosen.groupby("variant"):
+        for k in keys:
+            if g[k].nunique() > 1:
+                labels[g.index] += " " + k.removeprefix("cfg.").removeprefix("variant.") + "=" + g[k].astype(str)
+    return labels
+
+
 def rank_vs_quality(chosen: pd.DataFrame, metric: str, out_dir: Path, task: str) -> list[Path]:
-    """log2 rank on x, mean test metric with its 95 % CI band, one line per low-rank variant;
-    full fine-tuning and head-only as horizontal references."""
+    """log2 rank on x, mean test metric with its 95 % CI band, one line per low-rank variant (per setting,
+    when a variant has several); full fine-tuning and head-only as horizontal references."""
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     ranked = chosen[chosen["rank"].notna()]
-    for variant, g in ranked.groupby("variant", sort=True):
+    for variant, g in ranked.groupby(series(ranked), sort=True):
         g = g.sort_values("rank")
         line, = ax.plot(g["rank"], g["mean"], marker="o", label=variant)
         if g["ci_low"].notna().any():
@@ -86,7 +98,7 @@ def pareto(chosen: pd.DataFrame, metric: str, cost: str, out_dir: Path, task: st
 
 
 def loss_curves(results_dir: Path, out_dir: Path, task: str) -> list[Path]:
-    """Training loss against step, one line per variant (the first seed's run of its best setting)."""
+    """Training loss against step, one line per variant (its first record in run-id order)."""
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     seen = set()
     for path in sorted(Path(results_dir, "runs").glob("*.json")):

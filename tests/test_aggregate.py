@@ -11,8 +11,8 @@ from scipy import stats
 from experiments import aggregate
 
 
-def record(tmp_path, variant, seed, lr, val, test, rank=8, status="ok", task="toy", trainable=100):
-    rid = f"{variant}-{rank}-{lr}-{seed}-{status}"
+def record(tmp_path, variant, seed, lr, val, test, rank=8, status="ok", task="toy", trainable=100, config=None):
+    rid = f"{variant}-{rank}-{lr}-{seed}-{status}" + (f"-{hash(json.dumps(config))}" if config else "")
     r = {"schema": 1, "run_id": rid, "group_id": rid[:-2], "status": status, "variant": variant, "task": task,
          "model": "m", "rank": rank, "alpha": 16, "scaling": "standard", "targets": ["a.query", "a.value"],
          "lr": lr, "seed": seed, "main_metric": "accuracy", "higher_is_better": True,
@@ -20,6 +20,8 @@ def record(tmp_path, variant, seed, lr, val, test, rank=8, status="ok", task="to
          "error": None if status == "ok" else {"type": "NonFiniteLoss", "message": "nan at step 3", "step": 3},
          "cost": {"trainable_params": trainable, "trainable_pct": 1.0, "optimizer_state_bytes": 8 * trainable,
                   "peak_memory_bytes": 2**30, "step_time_ms": 10.0, "train_time_s": 1.0}}
+    if config is not None:
+        r["config"] = config
     (tmp_path / "runs").mkdir(exist_ok=True)
     (tmp_path / "runs" / f"{rid}.json").write_text(json.dumps(r))
 
@@ -57,6 +59,27 @@ def test_summary_mean_std_and_bootstrap_ci_match_direct_computation(results):
                              random_state=np.random.default_rng(0), method="BCa").confidence_interval
     assert (lora.ci_low, lora.ci_high) == pytest.approx((direct.low, direct.high))
     assert lora.ci_low < lora["mean"] < lora.ci_high
+
+
+def test_settings_differing_in_another_config_key_are_not_averaged_together(tmp_path):
+    # a LoRA+ ratio sweep: ratio is not an IDENTITY column, but it varies, so it names a setting
+    for seed in range(3):
+        for ratio, acc in ((4, 0.70), (16, 0.80)):
+            cfg = {"seed": seed, "variant": {"name": "lora_plus", "ratio": ratio, "dropout": 0.05},
+                   "optim": {"lr": 1e-3, "betas": [0.9, 0.999]}}
+            record(tmp_path, "lora_plus", seed, 1e-3, val=acc, test=acc + 0.01 * seed, config=cfg)
+        # a key only DoRA has, with one value: not a setting column
+        record(tmp_path, "dora", seed, 1e-3, val=0.5, test=0.5, config={"seed": seed, "variant": {"name": "dora",
+               "only_dora": 1, "dropout": 0.05}, "optim": {"lr": 1e-3, "betas": [0.9, 0.999]}})
+    df, _ = aggregate.load(tmp_path)
+    assert [c for c in df.columns if c.startswith("cfg.")] == ["cfg.variant.ratio"]
+    s = aggregate.summarize(df, "accuracy").set_index(["variant", "cfg.variant.ratio"], drop=False)
+    assert len(s) == 3 and s.loc[("lora_plus", 4), "n"] == 3 and s.loc[("lora_plus", 16), "n"] == 3
+    assert s.loc[("lora_plus", 16), "mean"] == pytest.approx(0.81)
+    chosen = aggregate.select_lr(aggregate.summarize(df, "accuracy"))
+    assert len(chosen) == 3  # lr selection keeps each ratio: only the lr is chosen
+    tab = aggregate.table(chosen, None, "accuracy")
+    assert [str(v) for v in tab["variant.ratio"]] == ["–", "4", "16"]
 
 
 def test_lr_selection_picks_the_validation_best_and_reports_its_test(results):

@@ -31,6 +31,21 @@ def test_rank_plot_has_one_line_per_variant_and_reference_lines(tmp_path, monkey
     assert "loss_toy" not in captured  # hand-built records carry no history: no empty plot
 
 
+def test_a_variant_with_two_settings_gets_two_rank_lines(tmp_path, monkeypatch):
+    for seed in range(2):
+        for rank in (2, 8):
+            for scale in (0.25, 4.0):
+                cfg = {"seed": seed, "variant": {"name": "galore", "scale": scale}}
+                record(tmp_path, "galore", seed, 1e-3, val=0.5, test=scale / 10 + rank / 100, rank=rank, config=cfg)
+    captured = {}
+    monkeypatch.setattr(plots, "_save", lambda fig, out_dir, stem: captured.setdefault(
+        stem, {ln.get_label(): list(ln.get_ydata()) for ln in fig.axes[0].get_lines()}) and [])
+    plots.make_all(tmp_path)
+    lines = captured["rank_vs_accuracy_toy"]
+    assert lines.keys() == {"galore scale=0.25", "galore scale=4.0"}
+    assert np.allclose(lines["galore scale=4.0"], [0.42, 0.48])
+
+
 def test_pareto_front_keeps_only_undominated_points():
     x = np.array([1.0, 2.0, 3.0, 4.0, 2.5])
     y = np.array([0.5, 0.7, 0.6, 0.9, 0.7])

@@ -138,6 +138,33 @@ def test_batches_are_padded_per_batch(tmp_path):
     assert loss.ndim == 0 and torch.isfinite(loss)
 
 
+def test_mean_pooling_classifies_the_masked_token_mean_and_keeps_module_names(tmp_path):
+    import variants
+
+    cls, mean = small(tmp_path), small(tmp_path, pooling="mean")
+    assert mean.info["pooling"] == "mean" and cls.info["pooling"] == "cls"
+    names = {n for n, _ in mean.model.named_parameters()}
+    pooler = {"bert.pooler.dense.weight", "bert.pooler.dense.bias"}
+    assert {n for n, _ in cls.model.named_parameters()} - names == pooler
+    batch = mean.data.collate([mean.data.train[i] for i in range(6)])  # rows of different lengths: padding
+    assert (batch["attention_mask"] == 0).any()
+    model = mean.model.eval()
+    with torch.no_grad():
+        hidden = model.bert(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                            token_type_ids=batch["token_type_ids"]).last_hidden_state
+        means = [h[m.bool()].mean(0) for h, m in zip(hidden, batch["attention_mask"], strict=True)]
+        by_hand = model.classifier(torch.stack(means))
+        out = model(**batch)
+    torch.testing.assert_close(out.logits, by_hand, rtol=0, atol=1e-6)
+    assert torch.isclose(out.loss, torch.nn.functional.cross_entropy(by_hand, batch["labels"]))
+    v = variants.create("head", head=mean.head)  # the head-only probe: just the classifier trains
+    v.apply(mean.model)
+    assert v.cost(mean.model)["trainable_params"] == 384 * 2 + 2
+    lora = variants.create("lora", targets="qv", head=mean.head)
+    lora.apply(small(tmp_path, pooling="mean").model)
+    assert len(lora.target_modules) == 12 and all(t.startswith("bert.encoder.layer.") for t in lora.target_modules)
+
+
 # --- metrics --------------------------------------------------------------------------------------
 
 class Scripted(torch.nn.Module):
@@ -243,6 +270,7 @@ def test_an_unreachable_hub_fails_at_once_without_trying(tmp_path, monkeypatch):
     ({"max_length": 4}, "task.max_length=4"),
     ({"max_length": 1024}, "at most 512 tokens"),
     ({"dataset": "imdb"}, "task.dataset='imdb'"),
+    ({"pooling": "max"}, "task.pooling='max'"),
 ])
 def test_bad_options_are_one_line(options, fragment, tmp_path):
     with pytest.raises(TaskError) as err:

@@ -216,6 +216,36 @@ def load_tokenizer(model: str, hub: Hub | None = None):
     return hub.load(lambda: AutoTokenizer.from_pretrained(model, local_files_only=hub.local_only))
 
 
+class MeanPooled(torch.nn.Module):
+    """A BERT-style classifier that reads the attention-masked mean of the encoder's last hidden states
+    (how all-MiniLM-L6-v2 was trained to embed sentences) instead of the first token through the pooler.
+    Module names stay those of the wrapped model (``bert.encoder...``, ``classifier``), so target presets,
+    the head and saved adapters are unchanged; the unused pooler is dropped."""
+
+    def __init__(self, model):
+        super().__init__()
+        encoder = model.base_model
+        if not isinstance(getattr(model, "classifier", None), torch.nn.Linear) or not hasattr(encoder, "pooler"):
+            raise TaskError(f"invalid option task.pooling='mean': {type(model).__name__} has no BERT-style "
+                            "pooler + Linear classifier (use pooling: cls)")
+        encoder.pooler = None
+        self.config, self.prefix = model.config, model.base_model_prefix
+        setattr(self, self.prefix, encoder)
+        self.dropout, self.classifier = model.dropout, model.classifier
+
+    def forward(self, input_ids, attention_mask, token_type_ids=None, labels=None):
+        from transformers.modeling_outputs import SequenceClassifierOutput
+
+        encoder = getattr(self, self.prefix)
+        hidden = encoder(input_ids=input_ids, attention_mask=attention_mask,
+                         token_type_ids=token_type_ids).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+        logits = self.classifier(self.dropout(pooled))
+        loss = None if labels is None else torch.nn.functional.cross_entropy(logits, labels)
+        return SequenceClassifierOutput(loss=loss, logits=logits)
+
+
 def load_model(model: str, num_labels: int, hub: Hub | None = None):
     from transformers import AutoModelForSequenceClassification
 
@@ -232,7 +262,7 @@ def load_model(model: str, num_labels: int, hub: Hub | None = None):
 
 def build(dataset: str = "rotten_tomatoes", model: str = "minilm", n_train: int | None = 3000,
           n_val: int | None = 500, n_test: int | None = 1000, max_length: int = 64, split_seed: int = 0,
-          cache_dir: str = "~/.cache/lorabench", assets_dir: str | None = None) -> Task:
+          pooling: str = "cls", cache_dir: str = "~/.cache/lorabench", assets_dir: str | None = None) -> Task:
     if dataset not in (*OFFLINE_DATASETS, *HUB_DATASETS):
         raise TaskError(f"invalid option task.dataset={dataset!r}: expected one of "
                         f"{', '.join((*OFFLINE_DATASETS, *HUB_DATASETS))}")
@@ -241,6 +271,8 @@ def build(dataset: str = "rotten_tomatoes", model: str = "minilm", n_train: int 
             raise TaskError(f"invalid option task.{option}={n!r}: expected a positive integer or null (all)")
     if not isinstance(max_length, int) or max_length < 8:
         raise TaskError(f"invalid option task.max_length={max_length!r}: expected an integer >= 8")
+    if pooling not in ("cls", "mean"):
+        raise TaskError(f"invalid option task.pooling={pooling!r}: expected 'cls' or 'mean'")
     from_hub = [name for name in (model, dataset) if name != "minilm" and name not in OFFLINE_DATASETS]
     # an unreachable hub fails here, before any work
     hub = Hub.connect(from_hub, instead="task=sentiment or task=reviews") if from_hub else None
@@ -269,6 +301,9 @@ def build(dataset: str = "rotten_tomatoes", model: str = "minilm", n_train: int 
     num_labels = int(max(source.pool["label"].max(), 1)) + 1
     with torch.random.fork_rng(devices=[]):  # the new head's init draws from the run's seed, then the
         net = load_model(model, num_labels, hub)  # global RNG is left as if the task had not been built
+    if pooling == "mean":
+        net = MeanPooled(net)
+    info["pooling"] = pooling
     task_data = TaskData(train=data["train"], val=data["val"], test=data["test"], loss=loss, evaluate=evaluate,
                          main_metric="accuracy", collate=functools.partial(pad_batch, pad_id=tokenizer.pad_token_id),
                          info=info)
