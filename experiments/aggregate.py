@@ -201,7 +201,7 @@ def table(summary: pd.DataFrame, tests: pd.DataFrame | None, metric: str) -> pd.
             "Δ vs baseline": "" if pd.isna(r.get("mean_diff", math.nan)) else f"{r['mean_diff']:+.4f}",
             "p (Holm)": "" if pd.isna(r.get("p_holm", math.nan)) else f"{r['p_holm']:.3g}",
             "trainable": f"{int(r['trainable_params']):,}",
-            "peak MB": f"{r['peak_memory_bytes'] / 2**20:.0f}", "ms/step": f"{r['step_time_ms']:.1f}",
+            "peak MiB": f"{r['peak_memory_bytes'] / 2**20:.0f}", "ms/step": f"{r['step_time_ms']:.1f}",
         })
     return pd.DataFrame(rows)
 
