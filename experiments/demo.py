@@ -35,7 +35,7 @@ def steps(results_dir: str, variants: str, ranks: str, jobs: int) -> list[list[s
     train = [sys.executable, "-m", "experiments.train", *sweep]
     by_lr: dict[str, list[str]] = {}
     for name in variants.split(","):
-        by_lr.setdefault(LRS.get(name, LRS["lora"]), []).append(name)
+        by_lr.setdefault(LRS[name], []).append(name)
     cmds = [[*train, f"variant={','.join(names)}", f"variant.rank={ranks}", f"optim.lr={lr}"]
             for lr, names in by_lr.items()]
     cmds += [[*train, f"variant={name}", f"optim.lr={LRS[name]}"] for name in ("full", "head")]
