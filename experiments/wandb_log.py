@@ -12,29 +12,34 @@ import sys
 from experiments import records
 
 
+def _start(results_dir, mode: str, quiet: bool, **init):
+    """A W&B run under ``<results_dir>/wandb``, or None with a one-line warning if W&B cannot start (no
+    login, no network, not installed): W&B mirrors what is on disk, so it never stops the work."""
+    try:
+        import wandb
+
+        wandb_dir = os.path.join(results_dir, "wandb")
+        os.makedirs(wandb_dir, exist_ok=True)
+        return wandb.init(mode=mode, dir=wandb_dir, reinit="finish_previous", settings=wandb.Settings(silent=quiet),
+                          **init)
+    except Exception as e:  # noqa: BLE001
+        print(f"[lorabench] warning: W&B disabled ({type(e).__name__}: {e})".splitlines()[0], file=sys.stderr)
+        return None
+
+
 class WandbRun:
     def __init__(self, cfg: dict):
         self.cfg, self.run = cfg, None
         opts = dict(cfg.get("logger") or {})
         if opts.pop("name", "none") != "wandb" or os.environ.get("WANDB_MODE") == "disabled":
             return
-        try:
-            import wandb
-
-            mode = os.environ.get("WANDB_MODE") or opts.pop("mode", "offline")
-            opts.pop("mode", None)
-            quiet = opts.pop("quiet", True)  # W&B's per-run banner and history print drown a sweep's output
-            variant, task = cfg["variant"]["name"], cfg["task"]["name"]
-            wandb_dir = os.path.join(cfg["results_dir"], "wandb")
-            os.makedirs(wandb_dir, exist_ok=True)
-            self.run = wandb.init(
-                mode=mode, dir=wandb_dir, config=records.semantic_config(cfg), group=records.group_id(cfg),
-                name=f"{variant}-{task}-r{cfg['variant'].get('rank', '')}-s{cfg['seed']}",
-                tags=[variant, task], reinit="finish_previous", settings=wandb.Settings(silent=quiet), **opts)
-        except Exception as e:  # noqa: BLE001 - any failure to start W&B must not stop the run
-            print(f"[lorabench] warning: W&B disabled for this run ({type(e).__name__}: {e})".splitlines()[0],
-                  file=sys.stderr)
-            self.run = None
+        mode = os.environ.get("WANDB_MODE") or opts.pop("mode", "offline")
+        opts.pop("mode", None)
+        quiet = opts.pop("quiet", True)  # W&B's per-run banner and history print drown a sweep's output
+        variant, task = cfg["variant"]["name"], cfg["task"]["name"]
+        self.run = _start(cfg["results_dir"], mode, quiet, config=records.semantic_config(cfg),
+                          group=records.group_id(cfg), tags=[variant, task],
+                          name=f"{variant}-{task}-r{cfg['variant'].get('rank', '')}-s{cfg['seed']}", **opts)
 
     def log(self, metrics: dict, step: int) -> None:
         if self.run is not None:
@@ -66,14 +71,14 @@ def log_summary(results_dir, tables: dict, images: list, project: str = "loraben
     mode = os.environ.get("WANDB_MODE") or "offline"
     if mode == "disabled":
         return None
+    name = os.path.basename(os.path.abspath(results_dir))
+    run = _start(results_dir, mode, True, project=project, job_type="summary", name=f"summary-{name}",
+                 tags=["summary"])
+    if run is None:
+        return None
     try:
         import wandb
 
-        wandb_dir = os.path.join(results_dir, "wandb")
-        os.makedirs(wandb_dir, exist_ok=True)
-        name = os.path.basename(os.path.abspath(results_dir))
-        run = wandb.init(project=project, mode=mode, dir=wandb_dir, job_type="summary", name=f"summary-{name}",
-                         tags=["summary"], reinit="finish_previous", settings=wandb.Settings(silent=True))
         for key, df in ((k, v) for k, v in tables.items() if not v.empty):
             flat = df.reset_index(drop=True).astype({c: str for c in df.columns if df[c].dtype == object})
             run.log({f"table/{key}": wandb.Table(dataframe=flat)})

@@ -197,3 +197,21 @@ def test_demo_rejects_an_unknown_variant_in_one_line(capsys):
 
     assert demo.main(["--variants", "lora,nope"]) == 2
     assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_wandb_that_cannot_start_is_one_warning_for_a_run_and_for_the_summary(results, capsys, monkeypatch):
+    import wandb
+
+    from experiments.wandb_log import WandbRun
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setattr(wandb, "init", lambda **kw: (_ for _ in ()).throw(RuntimeError("no login\nmore")))
+    cfg = {"logger": {"name": "wandb"}, "results_dir": str(results), "variant": {"name": "lora", "rank": 8},
+           "task": {"name": "toy"}, "seed": 0}
+    with WandbRun(cfg) as wb:
+        assert wb.run is None
+        wb.log({"loss": 1.0}, 1)  # a no-op, not an error
+    assert aggregate.main(["--results-dir", str(results), "--wandb"]) == 0
+    out = capsys.readouterr()
+    assert out.err.count("warning: W&B disabled (RuntimeError: no login\n") == 2 and "more" not in out.err
+    assert "W&B summary run" not in out.out

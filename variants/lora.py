@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import LowRankConfig, Variant, VariantError, register
+from .base import LowRankConfig, Variant, VariantError, _check, register
 from .targets import head_module_names
 
 
@@ -118,8 +118,8 @@ class LoRAConfig(LowRankConfig):
         if self.init not in ("kaiming", "gaussian"):
             raise VariantError(f"invalid option init={self.init!r}: expected 'kaiming' or 'gaussian'")
         b = self.param_budget
-        if b is not None and (not isinstance(b, int) or isinstance(b, bool) or b < 1):
-            raise VariantError(f"invalid option param_budget={b!r}: expected a positive integer or null")
+        _check(b is None or (isinstance(b, int) and not isinstance(b, bool) and b > 0), "param_budget", b,
+               "a positive integer or null")
 
 
 def budget_rank(model: nn.Module, names: list[str], budget: int) -> int:
