@@ -14,10 +14,11 @@ from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 
 import variants
 from experiments import records, tasks
-from experiments.trainer import OptimConfig, fit, pick_device, seed_everything
+from experiments.trainer import OptimConfig, fit, pick_device, reseed, seed_everything
 
 
 class ConfigError(ValueError):
@@ -54,6 +55,18 @@ def check(cfg: dict) -> None:
     tasks.check_name(cfg["task"].get("name"))
 
 
+def build(cfg: dict) -> tuple[tasks.Task, variants.Variant, nn.Module]:
+    """task -> variant -> adapted model. The task's new weights (a classifier head) and the adapter's init
+    each draw from their own stream of the run's seed (``stream_seed``), never from one shared state."""
+    seed = cfg["seed"]
+    seed_everything(seed)  # python and numpy; torch's generators are pointed at one stream per use below
+    reseed(seed, "model")
+    task = tasks.build(cfg["task"]["name"], **{k: v for k, v in cfg["task"].items() if k != "name"})
+    variant = _variant(cfg, task)
+    reseed(seed, "adapter")
+    return task, variant, variant.apply(task.model)
+
+
 def run(cfg: dict) -> dict:
     """One run from a resolved config dict. Returns the record (also written unless it was skipped).
 
@@ -76,12 +89,8 @@ def run(cfg: dict) -> dict:
 
         torch.set_num_threads(int(cfg["threads_per_job"]))
     device = str(pick_device(cfg.get("device", "auto")))
-    seed_everything(cfg["seed"])
-    task_opts = {k: v for k, v in cfg["task"].items() if k != "name"}
     try:
-        task = tasks.build(cfg["task"]["name"], **task_opts)
-        variant = _variant(cfg, task)
-        model = variant.apply(task.model)
+        task, variant, model = build(cfg)
     except ValueError as e:  # bad task option, targets that do not fit the model, missing asset
         raise ConfigError(str(e)) from None
 
@@ -93,7 +102,7 @@ def run(cfg: dict) -> dict:
         "targets": getattr(variant, "target_modules", None),
         "lr": cfg["optim"]["lr"], "seed": cfg["seed"], "metrics": None, "history": [], "cost": None,
         "main_metric": task.data.main_metric, "higher_is_better": task.data.higher_is_better,
-        "task_info": task.info, "config": cfg, "env": records.environment(device),
+        "directions": task.data.directions, "trivial": task.data.trivial, "task_info": task.info, "config": cfg, "env": records.environment(device),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     with WandbRun(cfg) as wb:
@@ -107,9 +116,9 @@ def _train(cfg, task, variant, model, record, wb) -> None:
         result = fit(model, variant, task.data, _optim(cfg), seed=cfg["seed"], device=record["env"]["device"],
                      bf16=cfg.get("bf16", False), progress=cfg.get("progress"), log=wb.log)
         record.update(result, status="ok")
-        extra = variant_summary(variant, model)
-        if extra:
-            record["variant_state"] = extra
+        state = variant.summary(model)
+        if state is not None:
+            record["variant_state"] = state
         if cfg.get("save_adapter"):
             adapter_dir = records.record_path(results_dir, rid).with_suffix("")
             record["cost"]["adapter_bytes"] = variant.save_adapter(model, adapter_dir)
@@ -122,12 +131,6 @@ def _train(cfg, task, variant, model, record, wb) -> None:
     record["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     records.write(results_dir, record)
     wb.finish_with(record)
-
-
-def variant_summary(variant, model) -> dict | None:
-    """Method-specific state worth keeping in the record (e.g. AdaLoRA's final rank pattern)."""
-    summary = getattr(variant, "summary", None)
-    return summary(model) if callable(summary) else None
 
 
 def _print_result(record: dict) -> None:

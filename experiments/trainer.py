@@ -73,9 +73,23 @@ class TaskData:
     loss: Callable[[nn.Module, dict], torch.Tensor]
     evaluate: Callable[[nn.Module, DataLoader], dict]  # -> {"accuracy": ..., ...}
     main_metric: str  # e.g. "accuracy", "perplexity"
-    higher_is_better: bool = True
+    # every metric ``evaluate`` returns, with its direction: "max" (higher is better) or "min"
+    directions: dict[str, str] = field(default_factory=dict)
+    # the metrics of the task's trivial solution ({"name": ..., "val": {...}, "test": {...}}): the majority
+    # class, the untouched model... A run no better than it did not train (aggregate flags it)
+    trivial: dict | None = None
     collate: Callable | None = None
     info: dict = field(default_factory=dict)  # e.g. data fingerprint, split sizes
+
+    def __post_init__(self) -> None:
+        bad = {m: d for m, d in self.directions.items() if d not in ("max", "min")}
+        if self.main_metric not in self.directions or bad:
+            raise ValueError(f"task metrics need a direction ('max' or 'min'): main metric {self.main_metric!r}, "
+                             f"declared {self.directions}")
+
+    @property
+    def higher_is_better(self) -> bool:
+        return self.directions[self.main_metric] == "max"
 
 
 def seed_everything(seed: int) -> None:
@@ -83,6 +97,22 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed)
     torch.manual_seed(seed)
     torch.cuda.manual_seed_all(seed)
+
+
+def stream_seed(seed: int, purpose: str) -> int:
+    """The seed of one of a run's independent random streams (SeedSequence of the run seed and the purpose).
+
+    Every consumer of randomness draws from its own stream: the task's new weights (``"model"``), the
+    adapter init (``"adapter"``), the data order (``"data"``) and dropout (``"train"``). Drawn from one
+    shared state, a new classifier head and the first adapter matrices were the same random numbers seen
+    through two transforms (correlation about -0.35 at every seed), and so was the data order.
+    """
+    return int(np.random.SeedSequence([seed, *purpose.encode()]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def reseed(seed: int, purpose: str) -> None:
+    """Point torch's global generators (CPU and CUDA) at the ``purpose`` stream of run ``seed``."""
+    torch.manual_seed(stream_seed(seed, purpose))
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -155,6 +185,39 @@ def peak_memory_bytes(device: torch.device) -> int:
         return 0
 
 
+def release_freed_memory(device: torch.device) -> None:
+    """Hand memory that is free but still held back to the system, so that the next peak window starts
+    from what is really in use: glibc keeps freed heap pages in the process (``malloc_trim`` returns them);
+    CUDA's caching allocator does not matter (its peak counts allocated bytes, not reserved ones)."""
+    if device.type == "cuda":
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+class PeakMemory:
+    """Peak memory per phase: ``switch("train")`` closes the open window, records its peak under its
+    name (the maximum over all windows of that name) and opens a new one. A run's training windows are
+    the optimisation steps only (model, data and optimizer already exist); evaluations, mid-run or final,
+    are their own ``eval`` windows, so a large evaluation batch never shows up as a training cost."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.current, self.peaks = device, None, {}
+
+    def switch(self, name: str | None) -> None:
+        if self.current is not None:
+            peak = peak_memory_bytes(self.device)
+            self.peaks[self.current] = max(self.peaks.get(self.current, 0), peak)
+        self.current = name
+        if name is not None:  # a window starts from the memory in use, not what earlier work left cached
+            release_freed_memory(self.device)
+            reset_peak_memory(self.device)
+
+
 def fit(model: nn.Module, variant: Variant, data: TaskData, cfg: OptimConfig, *, seed: int = 0,
         device: str | torch.device = "auto", bf16: bool = False, progress: bool | None = None,
         log: Callable[[dict, int], None] | None = None) -> dict:
@@ -162,18 +225,25 @@ def fit(model: nn.Module, variant: Variant, data: TaskData, cfg: OptimConfig, *,
     cfg.validate()
     device = pick_device(device) if isinstance(device, str) else device
     model.to(device)
-    reset_peak_memory(device)
     log = log or (lambda metrics, step: None)
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(stream_seed(seed, "data"))  # the order of the training examples
+    reseed(seed, "train")  # dropout and any other randomness of the steps
     train_loader = DataLoader(data.train, batch_size=cfg.batch_size, shuffle=True, generator=gen,
                               collate_fn=data.collate, drop_last=len(data.train) > cfg.batch_size)
+    memory = PeakMemory(device)
 
     def evaluate(split) -> dict:
+        resume = memory.current
+        memory.switch("eval")
         loader = DataLoader(split, batch_size=cfg.eval_batch_size, collate_fn=data.collate)
         model.eval()
         with torch.inference_mode(), _autocast(device, bf16):
             metrics = data.evaluate(model, _Moved(loader, device))
         model.train()
+        memory.switch(resume)
+        undeclared = sorted(set(metrics) - set(data.directions))
+        if undeclared:
+            raise ValueError(f"the task reports metric {undeclared[0]!r} without declaring its direction")
         return {k: float(v) for k, v in metrics.items()}
 
     steps = total_steps(cfg, len(data.train))
@@ -183,22 +253,29 @@ def fit(model: nn.Module, variant: Variant, data: TaskData, cfg: OptimConfig, *,
     params = [p for p in model.parameters() if p.requires_grad]
     history, best, best_state = [], None, None
     step_times: list[float] = []
+    gradient_bytes = 0
     batches = _batches(train_loader)
     show = _show_progress() if progress is None else progress
     bar = _progress(steps, show)
     model.train()
+    memory.switch("train")  # the training window: model, data and optimizer exist; evaluations are apart
     t_start = time.perf_counter()
     for step in range(steps):
         t0 = time.perf_counter()
-        loss_sum = 0.0
+        task_sum = extra_sum = 0.0
         for _ in range(cfg.grad_accum):
             batch = to_device(next(batches), device)
             with _autocast(device, bf16):
-                loss = data.loss(model, batch) + variant.extra_loss(model)
+                task_loss = data.loss(model, batch)
+                extra = variant.extra_loss(model)  # e.g. AdaLoRA's orthogonality penalty; 0 for most
+                loss = task_loss + extra
             if not torch.isfinite(loss):
                 raise NonFiniteLoss(step + 1, loss.item())  # 1-based, as in the history
             (loss / cfg.grad_accum).backward()
-            loss_sum += loss.item() / cfg.grad_accum
+            task_sum += task_loss.item() / cfg.grad_accum
+            extra_sum += float(extra.detach() if torch.is_tensor(extra) else extra) / cfg.grad_accum
+        if step == 0:  # what the gradients occupy (GaLore: full-size, the projection happens in the optimizer)
+            gradient_bytes = sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None)
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
@@ -210,20 +287,25 @@ def fit(model: nn.Module, variant: Variant, data: TaskData, cfg: OptimConfig, *,
         step_times.append(time.perf_counter() - t0)
         lr = opt.param_groups[0]["lr"]
         bar.update(1)
-        bar.set_postfix(loss=f"{loss_sum:.4f}", it_s=f"{1 / max(step_times[-1], 1e-9):.2f}")
-        entry = {"step": step + 1, "loss": loss_sum}
+        bar.set_postfix(loss=f"{task_sum:.4f}", it_s=f"{1 / max(step_times[-1], 1e-9):.2f}")
+        # the task loss is what compares across variants; a variant's own penalty is logged beside it
+        entry = {"step": step + 1, "loss": task_sum, **({"extra_loss": extra_sum} if extra_sum else {})}
         if (step + 1) % cfg.log_every == 0 or step + 1 == steps:
-            log({"train/loss": loss_sum, "train/lr": lr}, step + 1)
+            log({"train/loss": task_sum, "train/lr": lr, **({"train/extra_loss": extra_sum} if extra_sum else {})},
+                step + 1)
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < steps:
             val = evaluate(data.val)
             entry.update({f"val_{k}": v for k, v in val.items()})
             log({f"val/{k}": v for k, v in val.items()}, step + 1)
-            if cfg.select_best and _better(val[data.main_metric], best, data.higher_is_better):
+            # only a state the variant may end in is a candidate (AdaLoRA: once its rank pattern is final)
+            if cfg.select_best and variant.can_restore() and _better(val[data.main_metric], best,
+                                                                     data.higher_is_better):
                 best = val[data.main_metric]
                 best_state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
         history.append(entry)
     bar.close()
     train_time = time.perf_counter() - t_start
+    memory.switch(None)  # the training window closes before the final evaluation
     val = evaluate(data.val)
     if cfg.select_best and best_state is not None and not _better(val[data.main_metric], best,
                                                                   data.higher_is_better):
@@ -237,8 +319,10 @@ def fit(model: nn.Module, variant: Variant, data: TaskData, cfg: OptimConfig, *,
     log({**{f"val/{k}": v for k, v in val.items()}, **{f"test/{k}": v for k, v in test.items()}}, steps)
     cost = variant.cost(model, opt)
     warm = step_times[1:] or step_times  # the first step pays one-off allocation costs
-    cost.update(peak_memory_bytes=peak_memory_bytes(device), train_time_s=train_time,
-                step_time_ms=1000 * float(np.mean(warm)), steps=steps)
+    cost.update(gradient_bytes=gradient_bytes, peak_memory_bytes=memory.peaks["train"],
+                eval_peak_memory_bytes=memory.peaks.get("eval"), train_time_s=train_time,
+                step_time_ms=1000 * float(np.mean(warm)), step_time_median_ms=1000 * float(np.median(warm)),
+                steps=steps)
     return {"metrics": {"val": val, "test": test}, "history": _compact(history), "cost": cost}
 
 
@@ -249,7 +333,8 @@ def _better(value, best, higher) -> bool:
 def _compact(history: list[dict], keep: int = 200) -> list[dict]:
     """At most ~``keep`` entries: every k-th step plus every evaluation and the last step."""
     k = max(1, math.ceil(len(history) / keep))
-    return [h for i, h in enumerate(history) if i % k == k - 1 or len(h) > 2 or i == len(history) - 1]
+    return [h for i, h in enumerate(history)
+            if i % k == k - 1 or any(key.startswith("val_") for key in h) or i == len(history) - 1]
 
 
 class _Moved:

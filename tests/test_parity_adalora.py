@@ -258,7 +258,7 @@ def test_run_rank_patterns_equal_peft(run):
     ranks = run["v"].effective_ranks()
     assert sum(ranks.values()) <= 8 * RANK  # ties at the threshold drop together
     assert len(set(ranks.values())) > 1, ranks  # the budget went unevenly: it was allocated
-    assert run["v"].allocation()["ranks"] == ranks and run["v"].final
+    assert run["v"].summary(None)["ranks"] == ranks and run["v"].final
 
 
 def test_run_weights_match_and_pruned_values_stay_zero(run):

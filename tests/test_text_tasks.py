@@ -190,7 +190,42 @@ def test_metrics_match_a_hand_checked_case_and_sklearn():
     assert tc.evaluate(Scripted(), loader) == m  # batches are pooled before scoring
 
 
+def test_the_trivial_baseline_is_the_training_majority_class_scored_on_val_and_test(tmp_path):
+    task = small(tmp_path)
+    trivial = task.data.trivial
+    majority = int(np.argmax(task.info["train"]["label_frac"]))
+    assert trivial["name"] == f"majority class (label {majority})"
+    for split in ("val", "test"):
+        y = torch.tensor(task.data.__dict__[split]["labels"])
+        assert trivial[split]["accuracy"] == pytest.approx(task.info[split]["label_frac"][majority])
+        assert trivial[split] == tc.classification_metrics(torch.full_like(y, majority), y)
+    assert task.data.directions == {"accuracy": "max", "macro_f1": "max"}
+
+
 # --- end to end -----------------------------------------------------------------------------------
+
+def test_the_new_head_and_the_adapter_init_are_independent_draws(tmp_path):
+    """The rank-1 regression: the task built its new classifier inside ``fork_rng`` right after seeding and
+    the adapter then drew from the same restored state, so at every seed the first A row (layer 0 query)
+    was the head's own random numbers through another transform (correlation about -0.35); at rank 1, where
+    that row is the whole adapter, all of our runs stayed near the majority class while peft's learned."""
+    from experiments.train import build
+
+    corr = []
+    for seed in range(8):
+        _, _, model = build(config(tmp_path, "variant=lora", "variant.rank=1", f"seed={seed}", *FAST))
+        head = model.classifier.weight.detach()[0]
+        a = model.bert.encoder.layer[0].attention.self.query.lora_A.detach()[0]
+        corr.append(torch.corrcoef(torch.stack([head, a]))[0, 1].item())
+    # independent draws in 384 dimensions: each correlation has sd 1/sqrt(384), their mean 1/sqrt(8 * 384)
+    assert abs(np.mean(corr)) < 4 / np.sqrt(8 * 384), corr
+
+
+def test_each_use_of_randomness_has_its_own_stream():
+    from experiments.trainer import stream_seed
+
+    seeds = {p: stream_seed(0, p) for p in ("model", "adapter", "data", "train")}
+    assert len(set(seeds.values())) == 4 and stream_seed(0, "model") == seeds["model"] != stream_seed(1, "model")
 
 @pytest.mark.parametrize("variant", ["lora", "head"])
 def test_end_to_end_on_sentiment_writes_an_ok_record(variant, tmp_path):

@@ -264,3 +264,92 @@ def test_every_launcher_composes(launcher, tmp_path):
     assert target.endswith(expected)
     if launcher == "submitit_slurm":
         assert cfg.hydra.launcher.cpus_per_task == 8 and cfg.hydra.launcher.submitit_folder
+
+
+# --- what a record promises: training-only memory, the cost breakdown, the variant's state, the task loss ------
+
+def _synthetic(**options):
+    return tasks.build("synthetic", n_train=256, n_val=64, n_test=64, **options)
+
+
+@pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK), reason="needs Linux's resettable peak RSS")
+def test_peak_memory_is_the_training_loop_only_evaluation_peaks_apart():
+    from experiments.trainer import OptimConfig, fit
+
+    task = _synthetic()
+    plain = task.data.evaluate
+
+    def hungry(model, loader):  # an evaluation that touches 600 MB (think full-vocabulary logits)
+        big = torch.ones(150_000_000)
+        big.add_(1)
+        del big
+        return plain(model, loader)
+
+    task.data.evaluate = hungry
+    v = variants.create("lora", rank=4, targets=["fc1"], train_head=False)
+    cost = fit(v.apply(task.model), v, task.data, OptimConfig(max_steps=6, eval_every=2, batch_size=32),
+               device="cpu")["cost"]
+    # evaluations ran mid-run (steps 2, 4) and at the end, yet the training peak never saw their 600 MB
+    assert cost["eval_peak_memory_bytes"] > cost["peak_memory_bytes"] + 500 * 2**20
+    assert cost["peak_memory_bytes"] > 0
+
+
+def test_cost_has_the_static_memory_breakdown(tmp_path):
+    lora = run(config(tmp_path, "variant=lora", *FAST))["cost"]
+    n, total = lora["trainable_params"], lora["total_params"]
+    assert lora["weight_bytes"] == 4 * total and lora["trainable_bytes"] == 4 * n  # float32
+    assert lora["gradient_bytes"] == lora["trainable_bytes"]
+    assert lora["optimizer_state_bytes"] == 2 * 4 * n + 4 * 2  # AdamW: m and v, plus a float32 step per tensor (A, B)
+    galore = run(config(tmp_path, "variant=galore", "variant.rank=2", *FAST))["cost"]
+    # GaLore materialises full gradients; its Adam moments live in the rank-2 projection (plus the projector)
+    assert galore["gradient_bytes"] == galore["trainable_bytes"] == galore["weight_bytes"]
+    assert galore["optimizer_state_bytes"] < galore["trainable_bytes"]
+
+
+def test_adalora_record_carries_its_rank_pattern_and_schedule(tmp_path):
+    record = run(config(tmp_path, "variant=adalora", "variant.rank=2", "variant.init_r=4", *FAST))
+    state = record["variant_state"]
+    assert state["final"] and state["target_budget"] == 2 * len(state["ranks"])
+    assert sum(state["ranks"].values()) == state["target_budget"]
+    assert {n: sum(k) for n, k in state["rank_pattern"].items()} == state["ranks"]
+    sched = state["schedule"]
+    assert sched["total_steps"] == 30 and (sched["tinit"], sched["tfinal"]) == (3, 15)
+    assert sched["budgets"][-1] == [15, state["target_budget"]]  # the final allocation, at step T - tfinal
+    assert "variant_state" not in run(config(tmp_path, "variant=lora", *FAST))  # nothing to report
+
+
+def test_history_logs_the_task_loss_and_the_variant_penalty_apart(tmp_path):
+    ada = run(config(tmp_path, "variant=adalora", *FAST))["history"]
+    lora = run(config(tmp_path, "variant=lora", *FAST))["history"]
+    # both start at the base model (B = 0, Λ = 0) on the same first batch: the same task loss
+    assert ada[0]["loss"] == pytest.approx(lora[0]["loss"], rel=1e-6)
+    assert ada[0]["extra_loss"] > 0.1 and all("extra_loss" not in h for h in lora)
+
+
+def test_adalora_select_best_restores_only_states_within_the_final_budget():
+    from experiments.trainer import OptimConfig, fit
+    from variants.adalora import AdaLoRALinear
+    from variants.lora import adapter_layers
+
+    task = _synthetic()
+    v = variants.create("adalora", rank=2, init_r=4, targets=["fc1"], train_head=False)
+    model = v.apply(task.model)
+    seen = []
+    evaluate = task.data.evaluate
+
+    def watch(m, loader):  # note, at every evaluation, whether the weights were a restorable state
+        seen.append(v.can_restore())
+        return evaluate(m, loader)
+
+    task.data.evaluate = watch
+    fit(model, v, task.data, OptimConfig(max_steps=30, eval_every=3, select_best=True), device="cpu")
+    assert seen[:3] == [False] * 3 and seen[-1]  # early evaluations: over budget, never candidates
+    for name, layer in adapter_layers(model, AdaLoRALinear):  # whatever was restored keeps the final budget
+        assert int((layer.lora_E != 0).sum()) <= sum(v.rank_pattern[name])
+
+
+def test_records_declare_metric_directions_and_the_trivial_baseline(tmp_path):
+    record = run(config(tmp_path, *FAST))
+    assert record["directions"] == {"mse": "min", "fit": "max"}
+    trivial = record["trivial"]
+    assert trivial["test"]["fit"] == 0.0 and trivial["test"]["mse"] > record["metrics"]["test"]["mse"]

@@ -232,7 +232,7 @@ class AdaLoRA(LoRA):
     beta2, orth_reg_weight.
 
     After training, ``rank_pattern`` ({module: [kept?] * init_r}) and ``effective_ranks()`` tell where
-    the budget went; ``allocation()`` gathers them for a run record.
+    the budget went; ``summary()`` gathers them, with the budget schedule, for a run record.
     """
 
     Config = AdaLoRAConfig
@@ -247,6 +247,7 @@ class AdaLoRA(LoRA):
         self.budget: int | None = None  # the budget b(t) of the latest after_step
         self.final: bool = False  # the rank pattern is fixed (step >= total_steps - tfinal)
         self.total_steps: int | None = None
+        self.budgets: list[tuple[int, int]] = []  # (step, b(t)) at every allocation, the final one included
         self._layer_ranks: dict[str, int] = {}
 
     def make_layer(self, linear: nn.Linear) -> AdaLoRALinear:
@@ -283,11 +284,13 @@ class AdaLoRA(LoRA):
             self.budget, mask_now = alloc.budget(step, tinit, tfinal, total_steps, self.cfg.deltaT)
             if mask_now:
                 self._mask_to_budget(layers, self.budget)
+                self.budgets.append((step, self.budget))
         elif not self.final:  # step == end: fix the final pattern (also reached if step `end` was skipped)
             if not alloc.ema_ipt:  # no score yet (after_step never ran before the final phase)
                 alloc.update(layers)
             self.budget = alloc.target_budget
             self._mask_to_budget(layers, self.budget)  # with the scores of the previous step, as peft
+            self.budgets.append((step, self.budget))
             self.final = True
             alloc.reset()
         else:  # final fine-tuning: keep the pruned singular values at zero
@@ -323,9 +326,19 @@ class AdaLoRA(LoRA):
             return dict(self._layer_ranks)
         return {n: int(sum(keep)) for n, keep in self.rank_pattern.items()}
 
-    def allocation(self) -> dict:
-        """A JSON-able summary for a run record."""
+    def can_restore(self) -> bool:
+        """Only weights under the final rank pattern are a model AdaLoRA may end with: an earlier state
+        holds more singular values than the final budget allows (``optim.select_best`` skips it)."""
+        return self.final
+
+    def summary(self, model: nn.Module) -> dict:
+        """The final allocation and the budget schedule b(t), JSON-able, for the run record."""
         ranks = self.effective_ranks()
+        schedule = None
+        if self.total_steps is not None:
+            tinit, tfinal = self.cfg.schedule(self.total_steps)
+            schedule = {"total_steps": self.total_steps, "tinit": tinit, "tfinal": tfinal, "deltaT": self.cfg.deltaT,
+                        "budgets": [list(b) for b in self.budgets]}
         return {
             "final": self.final,
             "budget": self.budget,
@@ -334,6 +347,7 @@ class AdaLoRA(LoRA):
             "ranks": ranks,
             "mean_rank": sum(ranks.values()) / len(ranks) if ranks else None,
             "rank_pattern": self.rank_pattern,
+            "schedule": schedule,
         }
 
     # -- saving: peft's AdaLoRA layout ----------------------------------------------------------------

@@ -9,10 +9,12 @@ needs to know which method it is running:
    groups, GaLore returns its own projected AdamW);
 3. **per-step hooks** — ``after_step(model, step, total_steps)`` runs after ``optimizer.step()`` and
    before ``zero_grad()`` (AdaLoRA's rank allocation), ``extra_loss(model)`` is added to the task loss
-   (AdaLoRA's orthogonality penalty).
+   (AdaLoRA's orthogonality penalty), ``can_restore()`` says whether the current weights may be restored
+   as the final model (``optim.select_best``).
 
-Plus ``merge``/``unmerge`` where the method allows it, ``adapter_state``/``save_adapter`` (safetensors)
-and ``cost`` (trainable parameters, optimizer-state bytes).
+Plus ``summary(model)`` (method state for the run record), ``merge``/``unmerge`` where the method allows
+it, ``adapter_state``/``save_adapter`` (safetensors) and ``cost`` (parameter counts, weight, trainable and
+optimizer-state bytes).
 
 Usage, without Hydra or the trainer::
 
@@ -190,6 +192,16 @@ class Variant:
     def after_step(self, model: nn.Module, step: int, total_steps: int) -> None:
         """Runs after optimizer.step(), before zero_grad() (gradients still present)."""
 
+    def can_restore(self) -> bool:
+        """Whether the current trainable weights are a state the method may end in, i.e. a candidate for
+        best-on-validation restoring (``optim.select_best``). AdaLoRA: only once its rank pattern is final."""
+        return True
+
+    def summary(self, model: nn.Module) -> dict | None:
+        """Method-specific state for the run record (``variant_state``), JSON-able; None when there is none
+        (AdaLoRA: the final rank pattern per module and the budget schedule)."""
+        return None
+
     # -- merge, save, cost ----------------------------------------------------------------------------
     mergeable: ClassVar[bool] = False
 
@@ -235,6 +247,9 @@ class Variant:
             "total_params": total,
             "base_params": base,
             "trainable_pct": 100.0 * n_trainable / base,
+            # the static memory breakdown the LoRA and GaLore papers tabulate (gradients: measured by the trainer)
+            "weight_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
+            "trainable_bytes": sum(p.numel() * p.element_size() for _, p in trainable(model)),
             "optimizer_state_bytes": optimizer_state_bytes(optimizer) if optimizer is not None else None,
             "adapter_bytes": sum(t.numel() * t.element_size() for t in self.adapter_state(model).values()),
         }

@@ -199,6 +199,9 @@ def token_nll(model: nn.Module, batches) -> tuple[float, int]:
     return total, count
 
 
+DIRECTIONS = {"perplexity": "min", "nll": "min", "forget_perplexity": "min", "forget_increase": "min"}
+
+
 def perplexity(model: nn.Module, batches) -> dict[str, float]:
     total, count = token_nll(model, batches)
     return {"perplexity": math.exp(total / count), "nll": total / count}
@@ -306,9 +309,14 @@ def build(model: str = SMOLLM2, dataset: str = "austen", forget_dataset: str | N
             metrics.update(forget_perplexity=scored["after"], forget_increase=scored["after"] - base["forget"])
         return metrics
 
+    untouched = {"name": "the untouched model"}
+    for split in ("val", "test"):
+        untouched[split] = {"perplexity": base[split], "nll": math.log(base[split])}
+        if forget is not None:
+            untouched[split].update(forget_perplexity=base["forget"], forget_increase=0.0)
     data = TaskData(train=TensorDataset(train["n_train"]), val=TensorDataset(held["n_val"]),
                     test=TensorDataset(held["n_test"]), loss=loss, evaluate=evaluate, main_metric="perplexity",
-                    higher_is_better=False, collate=collate, info=info)
+                    directions=DIRECTIONS, trivial=untouched, collate=collate, info=info)
     # the LM head is tied to the input embeddings (SmolLM2): adapters never wrap it and it stays frozen;
     # full fine-tuning and GaLore train it through the shared embedding matrix
     return Task(name="lm", model_name="SmolLM2-135M-Instruct" if model == SMOLLM2 else model.split("/")[-1],

@@ -168,7 +168,12 @@ def build(hidden1: int = 256, hidden2: int = 256, pretrain_steps: int = 30, pret
             "n_test": len(splits["test"][1]), "replay": replay,
             "base_test_class_acc": [round(a, 4) for a in per_class_accuracy(base, *splits["test"])],
             "base_val_class_acc": [round(a, 4) for a in facts["base_val_class_acc"]]}
-    data = TaskData(train=train, val=TensorDataset(*splits["val"]), test=TensorDataset(*splits["test"]),
-                    loss=loss, evaluate=evaluate, main_metric="accuracy", collate=_collate, info=info)
+    val, test = TensorDataset(*splits["val"]), TensorDataset(*splits["test"])
+    with torch.no_grad():
+        untouched = {"name": "the pretrained base", **{k: evaluate(base, [_collate(list(d))]) for k, d in
+                                                   (("val", val), ("test", test))}}
+    data = TaskData(train=train, val=val, test=test, loss=loss, evaluate=evaluate, main_metric="accuracy",
+                    directions={"accuracy": "max", "weak_acc": "max", "other_acc": "max", "weak_gain": "max",
+                                "forgetting": "min"}, trivial=untouched, collate=_collate, info=info)
     return Task(name="digits", model_name=f"mlp64-{hidden1}-{hidden2}-10", model=model, data=data,
                 head=("classifier",), train_head=False, default_targets=["fc1", "fc2"], info=info)

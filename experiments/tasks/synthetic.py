@@ -74,8 +74,12 @@ def build(d_in: int = 64, d_out: int = 64, hidden: int = 0, true_rank: int = 4, 
             n += batch["y"].numel()
         return {"mse": se / n, "fit": 1.0 - se / se_base}
 
+    with torch.no_grad():
+        frozen = {"name": "the frozen base", **{k: evaluate(base, [_collate(list(d))]) for k, d in
+                                            (("val", val), ("test", test))}}
     data = TaskData(train=train, val=val, test=test, loss=loss, evaluate=evaluate, main_metric="fit",
-                    collate=_collate, info={"true_rank": true_rank, "n_train": n_train})
+                    directions={"mse": "min", "fit": "max"}, trivial=frozen, collate=_collate,
+                    info={"true_rank": true_rank, "n_train": n_train})
     model.load_state_dict(base.state_dict())
     return Task(name="synthetic", model_name=f"linear{d_in}x{d_out}" if not hidden else f"mlp{d_in}-{hidden}-{d_out}",
                 model=model, data=data, head=(), train_head=False, default_targets=["fc1"], info=data.info)

@@ -193,6 +193,19 @@ def classification_metrics(pred: torch.Tensor, y: torch.Tensor) -> dict:
     return {"accuracy": (pred == y).float().mean().item(), "macro_f1": float(np.mean(f1))}
 
 
+DIRECTIONS = {"accuracy": "max", "macro_f1": "max"}
+
+
+def majority_class(splits: dict) -> dict:
+    """The trivial classifier: always the training split's most frequent label, scored on val and test."""
+    majority = int(np.bincount(np.asarray(splits["train"]["labels"])).argmax())
+    out = {"name": f"majority class (label {majority})"}
+    for split in ("val", "test"):
+        y = torch.tensor(splits[split]["labels"])
+        out[split] = classification_metrics(torch.full_like(y, majority), y)
+    return out
+
+
 def evaluate(model, loader) -> dict:
     preds, labels = [], []
     for batch in loader:
@@ -305,8 +318,8 @@ def build(dataset: str = "rotten_tomatoes", model: str = "minilm", n_train: int 
         net = MeanPooled(net)
     info["pooling"] = pooling
     task_data = TaskData(train=data["train"], val=data["val"], test=data["test"], loss=loss, evaluate=evaluate,
-                         main_metric="accuracy", collate=functools.partial(pad_batch, pad_id=tokenizer.pad_token_id),
-                         info=info)
+                         main_metric="accuracy", directions=DIRECTIONS, trivial=majority_class(data),
+                         collate=functools.partial(pad_batch, pad_id=tokenizer.pad_token_id), info=info)
     return Task(name=dataset, model_name=info["model"], model=net, data=task_data, head=("classifier",),
                 train_head=True, default_targets="qv", info=info)
 
