@@ -2,13 +2,13 @@
 
     python -m experiments.plots [--results-dir results] [--metric accuracy] [--task sentiment]
 
-Reads records only (through ``experiments.aggregate``), never a model.
+Reads records only (through ``experiments.aggregate``), never a model. Per task, in its main metric (or
+``--metric``) and that metric's direction (lower-is-better metrics say so on the axis).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -22,6 +22,8 @@ import pandas as pd  # noqa: E402
 from experiments import aggregate  # noqa: E402
 
 REFERENCES = ("full", "head")  # rank-less baselines: horizontal lines on rank plots
+COSTS = {"trainable_params": "trainable params", "peak_memory_bytes": "training peak memory (bytes)",
+         "step_time_ms": "step time (ms)"}  # Pareto fronts: quality against each
 
 
 def _save(fig, out_dir: Path, stem: str) -> list[Path]:
@@ -45,9 +47,15 @@ def series(chosen: pd.DataFrame) -> pd.Series:
     return labels
 
 
+def _quality(chosen: pd.DataFrame, metric: str) -> str:
+    """The y label: the test metric, and "(lower is better)" where it is."""
+    return f"test {metric}" + (" (lower is better)" if (chosen["direction"] == "min").any() else "")
+
+
 def rank_vs_quality(chosen: pd.DataFrame, metric: str, out_dir: Path, task: str) -> list[Path]:
     """log2 rank on x, mean test metric with its 95 % CI band, one line per low-rank variant (per setting,
-    when a variant has several); full fine-tuning and head-only as horizontal references."""
+    when a variant has several); full fine-tuning and head-only as horizontal references, the task's trivial
+    baseline (majority class, untouched model...) as a dotted one."""
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     ranked = chosen[chosen["rank"].notna()]
     for variant, g in ranked.groupby(series(ranked), sort=True):
@@ -59,10 +67,14 @@ def rank_vs_quality(chosen: pd.DataFrame, metric: str, out_dir: Path, task: str)
         r = chosen[(chosen["variant"] == ref) & chosen["rank"].isna()]
         if not r.empty:
             ax.axhline(r["mean"].iloc[0], ls="--" if i == 0 else ":", color="0.3", lw=1, label=f"{ref} (no rank)")
+    trivial = chosen.dropna(subset=["trivial"])
+    if not trivial.empty:
+        ax.axhline(trivial["trivial"].iloc[0], ls=":", color="tab:red", lw=1,
+                   label=f"trivial: {next(iter(trivial['trivial_name'].dropna()), 'baseline')}")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("rank r")
-    ax.set_ylabel(f"test {metric}")
-    ax.set_title(f"{task}: rank vs {metric} (mean, 95% CI over seeds)")
+    ax.set_ylabel(_quality(chosen, metric))
+    ax.set_title(f"{task}: rank vs {metric}, mean over seeds and {aggregate.ci_label(chosen)}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, out_dir, f"rank_vs_{metric}_{task}")
@@ -80,7 +92,11 @@ def pareto_front(x: np.ndarray, y: np.ndarray, higher_is_better: bool) -> np.nda
 
 
 def pareto(chosen: pd.DataFrame, metric: str, cost: str, out_dir: Path, task: str,
-           higher_is_better: bool = True) -> list[Path]:
+           higher_is_better: bool | None = None) -> list[Path]:
+    """Mean test metric against a cost column, with the front in the metric's direction (the summary's,
+    unless ``higher_is_better`` is given; unknown: a ValueError)."""
+    if higher_is_better is None:
+        higher_is_better = aggregate.higher_better(chosen, "the Pareto front")
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     data = chosen[chosen[cost].notna()]
     for variant, g in data.groupby("variant", sort=True):
@@ -89,9 +105,9 @@ def pareto(chosen: pd.DataFrame, metric: str, cost: str, out_dir: Path, task: st
     front = pareto_front(x, y, higher_is_better)
     ax.plot(x[front], y[front], color="k", lw=1, ls="--", label="Pareto front")
     ax.set_xscale("log")
-    ax.set_xlabel(cost.replace("_", " "))
-    ax.set_ylabel(f"test {metric}")
-    ax.set_title(f"{task}: {metric} vs {cost.replace('_', ' ')}")
+    ax.set_xlabel(COSTS.get(cost, cost.replace("_", " ")))
+    ax.set_ylabel(_quality(chosen, metric))
+    ax.set_title(f"{task}: {metric} vs {COSTS.get(cost, cost.replace('_', ' '))}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, out_dir, f"pareto_{cost}_{task}")
@@ -102,8 +118,9 @@ def loss_curves(results_dir: Path, out_dir: Path, task: str) -> list[Path]:
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     seen = set()
     for path in sorted(Path(results_dir, "runs").glob("*.json")):
-        r = json.loads(path.read_text())
-        if r.get("status") != "ok" or r.get("task") != task or r["variant"] in seen or not r.get("history"):
+        r, _ = aggregate.read(path)  # an unreadable record: aggregate lists it
+        if (r is None or r.get("status") != "ok" or r.get("task") != task or r.get("variant") in seen
+                or not r.get("history")):
             continue
         seen.add(r["variant"])
         h = pd.DataFrame(r["history"])
@@ -130,13 +147,16 @@ def make_all(results_dir: str | Path, out_dir: str | Path | None = None, metric:
     for t, g in df.groupby("task"):
         if task is not None and t != task:
             continue
-        m = metric or g["main_metric"].iloc[0]
-        higher = bool(g["higher_is_better"].iloc[0])
-        summary = aggregate.summarize(g[g[f"test_{m}"].notna()], m)
-        chosen = aggregate.select_lr(summary, higher) if select_lr else summary
+        m = metric or g["main_metric"].dropna().iloc[0]
+        has = aggregate.floats(g, f"test_{m}").notna()
+        if not has.any():
+            print(f"note: no plots for task {t}: its runs report no test {m}", file=sys.stderr)
+            continue
+        summary = aggregate.summarize(g[has], m)  # the metric's direction: this task's records
+        chosen = aggregate.select_lr(summary) if select_lr else summary
         paths += rank_vs_quality(chosen, m, out_dir, t)
-        for cost in ("trainable_params", "peak_memory_bytes", "step_time_ms"):
-            paths += pareto(chosen, m, cost, out_dir, t, higher)
+        for cost in COSTS:
+            paths += pareto(chosen, m, cost, out_dir, t)
         paths += loss_curves(results_dir, out_dir, t)
     return paths
 
