@@ -48,6 +48,20 @@ def _optim(cfg: dict) -> OptimConfig:
     return optim
 
 
+def per_variant_lr(cfg: dict) -> dict:
+    """``optim.lr`` may map variant names to learning rates, so that one sweep runs each method at its own
+    lr (``-m variant=lora,full optim.lr={lora:3e-3,full:5e-5}``; a sweep over several such maps is a
+    per-method lr grid). The run takes its variant's value: its config, run id and record are exactly those
+    of ``optim.lr=3e-3``."""
+    lr, name = cfg["optim"].get("lr"), cfg["variant"].get("name")
+    if not isinstance(lr, dict):
+        return cfg
+    if name not in lr:
+        raise ConfigError(f"invalid option optim.lr={{{', '.join(f'{k}:{v}' for k, v in lr.items())}}}: "
+                          f"no learning rate for variant {name!r}")
+    return {**cfg, "optim": {**cfg["optim"], "lr": lr[name]}}
+
+
 def check(cfg: dict) -> None:
     """Everything that can be checked without building the model."""
     _variant(cfg)
@@ -75,6 +89,7 @@ def run(cfg: dict) -> dict:
     from experiments.wandb_log import WandbRun
 
     try:
+        cfg = per_variant_lr(cfg)
         check(cfg)
     except ValueError as e:
         raise ConfigError(str(e)) from None
@@ -102,7 +117,8 @@ def run(cfg: dict) -> dict:
         "targets": getattr(variant, "target_modules", None),
         "lr": cfg["optim"]["lr"], "seed": cfg["seed"], "metrics": None, "history": [], "cost": None,
         "main_metric": task.data.main_metric, "higher_is_better": task.data.higher_is_better,
-        "directions": task.data.directions, "trivial": task.data.trivial, "task_info": task.info, "config": cfg, "env": records.environment(device),
+        "directions": task.data.directions, "trivial": task.data.trivial, "task_info": task.info, "config": cfg,
+        "env": records.environment(device),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     with WandbRun(cfg) as wb:
