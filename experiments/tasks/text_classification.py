@@ -150,11 +150,14 @@ def tokenize(dataset, tokenizer, max_length: int, text_columns: tuple[str, ...],
     return dataset.map(encode, batched=True, remove_columns=dataset.column_names, new_fingerprint=fingerprint)
 
 
-def cached_tokens(df, tokenizer, max_length: int, text_columns, cache_dir, split_sha: str):
-    """Tokenise once per (split, tokenizer, max_length); later builds load the saved dataset."""
+def cached_tokens(df, tokenizer, max_length: int, text_columns, cache_dir, split_sha: str,
+                  tokenizer_sha: str | None = None):
+    """Tokenise once per (split, tokenizer, max_length); later builds load the saved dataset.
+    ``tokenizer_sha``: the tokenizer's fingerprint, when the caller has it already (it takes ~0.3 s)."""
     import datasets
 
-    key = hashlib.sha256(json.dumps([CACHE_FORMAT, split_sha, tokenizer_fingerprint(tokenizer), max_length,
+    tokenizer_sha = tokenizer_sha or tokenizer_fingerprint(tokenizer)
+    key = hashlib.sha256(json.dumps([CACHE_FORMAT, split_sha, tokenizer_sha, max_length,
                                      list(text_columns)]).encode()).hexdigest()
     root = Path(cache_dir).expanduser() / "text_classification"
     path = root / key[:32]
@@ -301,11 +304,11 @@ def build(dataset: str = "rotten_tomatoes", model: str = "minilm", n_train: int 
             "max_length": max_length, "dropped": dropped,
             "data_sha256": fingerprint(source.pool if source.test is None else
                                        _concat(source.pool, source.test), source.text_columns)}
-    data = {}
+    data, tokenizer_sha = {}, tokenizer_fingerprint(tokenizer)
     for name, part in parts.items():
         rows = take(part, sizes[name], f"n_{name}")
         sha = fingerprint(rows, source.text_columns)
-        data[name] = cached_tokens(rows, tokenizer, max_length, source.text_columns, cache_dir, sha)
+        data[name] = cached_tokens(rows, tokenizer, max_length, source.text_columns, cache_dir, sha, tokenizer_sha)
         counts = np.bincount(rows["label"].to_numpy(), minlength=2)
         lengths = np.array([len(ids) for ids in data[name]["input_ids"]])
         info[name] = {"n": len(rows), "available": len(part), "sha256": sha,
