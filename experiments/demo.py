@@ -6,8 +6,8 @@ Two stages of plain commands (each printed before it runs, so the output doubles
    grid point, ``optim.lr={lora:1e-3,...}``, so one sweep runs every method at its own lrs), into
    ``<results-dir>/probe``; ``aggregate --select-lr`` keeps, per method, the lr with the best *validation*
    accuracy in this very budget (never one borrowed from another budget);
-2. **comparison**: every method at its chosen lr (one lr map again), seeds 0, 1, 2, at rank 8, and LoRA and
-   DoRA also at ranks 2 and 32 (``RANK_SWEPT``: the rank-vs-quality plot), into ``<results-dir>``; then the
+2. **comparison**: every method at its chosen lr (one lr map again), seeds 0, 1, 2, at rank 8, and LoRA also
+   at ranks 2 and 32 (``RANK_SWEPT``: the rank-vs-quality plot), into ``<results-dir>``; then the
    plots and the table (Student-t intervals over the 3 seeds, paired t-tests vs LoRA, runs no better than the
    majority class flagged).
 
@@ -15,7 +15,7 @@ Sweeps that take different ``variant.rank`` values are separate commands (the ra
 fine-tuning and head-only, take none). A probe run that stage 2 repeats (seed 0, rank 8, the chosen lr) has
 the same config and so the same run id: its record is copied and the sweep skips it. The whole comparison
 fits the ten minutes of ``make demo`` on 2 cores only so: every low-rank method across three ranks would
-double stage 2.
+double stage 2 (``--rank-sweep lora,dora,...`` asks for more).
 Finished runs are skipped, so an interrupted demo resumes where it stopped.
 """
 
@@ -33,13 +33,13 @@ from pathlib import Path
 
 LOW_RANK = ("lora", "lora_plus", "dora", "galore", "adalora")
 BASELINES = ("full", "head")
-# Per method, three lrs a factor ~3 apart around where it works at this budget (80 steps of 8): LoRA+ trains
+# Per method, three lrs a factor ~3 apart around where it works at this budget (60 steps of 8): LoRA+ trains
 # B at 16x its lr; GaLore and full fine-tuning move every weight; head-only is a linear probe.
 GRID = {"lora": (1e-3, 3e-3, 1e-2), "dora": (1e-3, 3e-3, 1e-2), "lora_plus": (2e-4, 6e-4, 2e-3),
         "galore": (1e-4, 3e-4, 1e-3), "adalora": (1e-2, 3e-2, 1e-1), "full": (3e-5, 1e-4, 3e-4),
         "head": (3e-3, 1e-2, 3e-2)}
 PROBE_RANK, RANKS, SEEDS = 8, (2, 8, 32), (0, 1, 2)
-RANK_SWEPT = ("lora", "dora")  # across RANKS in stage 2; the other low-rank methods at PROBE_RANK
+RANK_SWEPT = ("lora",)  # across RANKS in stage 2; the other low-rank methods at PROBE_RANK
 
 
 def lr_map(lrs: dict[str, float]) -> str:
@@ -72,9 +72,10 @@ def probe_cmds(probe_dir: str | Path, methods: list[str], jobs: int) -> list[lis
             for members, rank in _sweeps(methods, ranks)]
 
 
-def compare_cmds(results_dir: str | Path, lrs: dict[str, float], jobs: int) -> list[list[str]]:
-    """Each method at its chosen lr, every seed; LoRA and DoRA across RANKS, the other low-rank ones at 8."""
-    ranks = {m: RANKS if m in RANK_SWEPT else (PROBE_RANK,) for m in LOW_RANK}
+def compare_cmds(results_dir: str | Path, lrs: dict[str, float], jobs: int,
+                 rank_swept: tuple[str, ...] = RANK_SWEPT) -> list[list[str]]:
+    """Each method at its chosen lr, every seed; ``rank_swept`` across RANKS, the other low-rank ones at 8."""
+    ranks = {m: RANKS if m in rank_swept else (PROBE_RANK,) for m in LOW_RANK}
     return [train_cmd(results_dir, jobs, f"variant={','.join(members)}", *rank, f"seed={','.join(map(str, SEEDS))}",
                       f"optim.lr={lr_map({m: lrs[m] for m in members})}")
             for members, rank in _sweeps(list(lrs), ranks)]
@@ -104,13 +105,20 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--results-dir", default="results/demo")
     ap.add_argument("--variants", default=",".join(GRID), help="the methods to compare (default: all seven)")
+    ap.add_argument("--rank-sweep", default=",".join(RANK_SWEPT),
+                    help=f"low-rank methods to compare across ranks {RANKS} (default: lora; the rest at rank 8)")
     ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
                     help="parallel runs (joblib), 1 torch thread each (default: 2; 1 = one process, all threads)")
     args = ap.parse_args(argv)
     methods = args.variants.split(",")
+    swept = tuple(m for m in args.rank_sweep.split(",") if m)
     unknown = [m for m in methods if m not in GRID]
     if unknown:
         print(f"error: --variants takes {', '.join(GRID)} (not {unknown[0]!r})", file=sys.stderr)
+        return 2
+    if set(swept) - set(LOW_RANK):
+        print(f"error: --rank-sweep takes {', '.join(LOW_RANK)} (not {sorted(set(swept) - set(LOW_RANK))[0]!r})",
+              file=sys.stderr)
         return 2
     t0 = time.perf_counter()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -135,7 +143,7 @@ def main(argv=None) -> int:
           f"({', '.join(f'{m} {lr:g}' for m, lr in lrs.items())}), seeds {','.join(map(str, SEEDS))} -> "
           f"{args.results_dir} ({reused} probe runs reused)", flush=True)
     plots = [sys.executable, "-m", "experiments.plots", "--results-dir", str(args.results_dir)]
-    if not all(sh(c) for c in compare_cmds(args.results_dir, lrs, args.jobs)) or not sh(plots) \
+    if not all(sh(c) for c in compare_cmds(args.results_dir, lrs, args.jobs, swept)) or not sh(plots) \
             or not sh([*aggregate, "--results-dir", str(args.results_dir), "--wandb"]):
         return 1
     print(f"\n[demo] done in {time.perf_counter() - t0:.0f} s: tables in {args.results_dir}/tables, "

@@ -61,8 +61,11 @@ def rank_vs_quality(chosen: pd.DataFrame, metric: str, out_dir: Path, task: str)
     for variant, g in ranked.groupby(series(ranked), sort=True):
         g = g.sort_values("rank")
         line, = ax.plot(g["rank"], g["mean"], marker="o", label=variant)
-        if g["ci_low"].notna().any():
+        if g["ci_low"].notna().any() and len(g) > 1:
             ax.fill_between(g["rank"], g["ci_low"], g["ci_high"], color=line.get_color(), alpha=0.15, lw=0)
+        elif g["ci_low"].notna().any():  # one rank only: its CI as an error bar (a band needs two points)
+            ax.errorbar(g["rank"], g["mean"], yerr=[g["mean"] - g["ci_low"], g["ci_high"] - g["mean"]],
+                        color=line.get_color(), capsize=3, lw=1)
     for i, ref in enumerate(REFERENCES):
         r = chosen[(chosen["variant"] == ref) & chosen["rank"].isna()]
         if not r.empty:

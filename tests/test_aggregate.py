@@ -229,14 +229,15 @@ def test_demo_probes_each_methods_own_grid_then_compares_at_the_chosen_lrs(tmp_p
         "hydra.launcher.n_jobs=2 variant=full seed=0 optim.lr={full:3e-05},{full:0.0001},{full:0.0003}"]
     lrs = {"lora": 0.003, "galore": 3e-4, "dora": 0.01, "full": 1e-4}
     compare = [" ".join(c[1:]) for c in demo.compare_cmds("d", lrs, jobs=1)]
-    # LoRA and DoRA across ranks (the rank plot), the other low-rank methods at rank 8, the baselines rank-less
+    # LoRA across ranks (the rank plot), the other low-rank methods at rank 8, the baselines rank-less
     assert compare == [
-        "-m experiments.train -m experiment=demo results_dir=d logger=none variant=lora,dora "
-        "variant.rank=2,8,32 seed=0,1,2 optim.lr={lora:0.003,dora:0.01}",
-        "-m experiments.train -m experiment=demo results_dir=d logger=none variant=galore variant.rank=8 "
-        "seed=0,1,2 optim.lr={galore:0.0003}",
+        "-m experiments.train -m experiment=demo results_dir=d logger=none variant=lora variant.rank=2,8,32 "
+        "seed=0,1,2 optim.lr={lora:0.003}",
+        "-m experiments.train -m experiment=demo results_dir=d logger=none variant=galore,dora variant.rank=8 "
+        "seed=0,1,2 optim.lr={galore:0.0003,dora:0.01}",
         "-m experiments.train -m experiment=demo results_dir=d logger=none variant=full seed=0,1,2 "
         "optim.lr={full:0.0001}"]
+    assert "variant=lora,dora variant.rank=2,8,32" in " ".join(demo.compare_cmds("d", lrs, 1, ("lora", "dora"))[0])
     assert set(demo.GRID) == {*demo.LOW_RANK, *demo.BASELINES} and all(len(g) == 3 for g in demo.GRID.values())
     # the chosen lrs come from the probe's --select-lr table; the probe runs stage 2 repeats are copied
     for variant, lr, val in [("lora", 1e-3, 0.70), ("lora", 3e-3, 0.75), ("full", 1e-4, 0.72)]:
@@ -254,6 +255,8 @@ def test_demo_rejects_an_unknown_variant_in_one_line(capsys):
 
     assert demo.main(["--variants", "lora,nope"]) == 2
     assert capsys.readouterr().err.count("\n") == 1
+    assert demo.main(["--rank-sweep", "lora,full"]) == 2
+    assert capsys.readouterr().err == "error: --rank-sweep takes lora, lora_plus, dora, galore, adalora (not 'full')\n"
 
 
 def test_wandb_that_cannot_start_is_one_warning_for_a_run_and_for_the_summary(results, capsys, monkeypatch):
