@@ -208,7 +208,14 @@ def select_lr(summary: pd.DataFrame, higher_is_better: bool | None = None) -> pd
     keys = [k for k in identity(summary) if k != "lr"]
     higher = higher_better(summary, "--select-lr") if higher_is_better is None else higher_is_better
     ordered = summary.assign(_by=summary["val_mean"] * (-1 if higher else 1)).sort_values(["_by", "lr"])
-    best = ordered.groupby(keys, dropna=False, sort=False).head(1).drop(columns="_by")
+    groups = ordered.groupby(keys, dropna=False, sort=False)
+    best = groups.head(1).drop(columns="_by")
+    tried = groups["lr"].agg(["min", "max", "count"]).reset_index()
+    best = best.merge(tried, on=keys, how="left")
+    # a pick at the end of the grid: the best lr may lie beyond what was tried
+    best["lr_edge"] = np.where(best["count"] < 2, "", np.where(best["lr"] == best["min"], "lowest",
+                                                               np.where(best["lr"] == best["max"], "highest", "")))
+    best = best.rename(columns={"count": "lrs_tried"}).drop(columns=["min", "max"])
     return best.sort_values(keys).reset_index(drop=True)
 
 
@@ -430,6 +437,9 @@ def main(argv=None) -> int:
         print(markdown(tab, footnotes) + "\n")
         if args.select_lr and (chosen_map := lr_map(chosen)):
             print(f"val-best lr per variant, for the next sweep: optim.lr={chosen_map}\n")
+        for r in chosen[chosen.get("lr_edge", pd.Series("", index=chosen.index)).astype(bool)].itertuples():
+            print(f"note: {r.variant} r={_shown(r.rank)}: lr {r.lr:g} is the {r.lr_edge} of the {r.lrs_tried} tried; "
+                  "the best lr may lie beyond the grid")
     unreadable = int((failed["status"] == "unreadable").sum()) if not failed.empty else 0
     print(f"{n_ok} ok runs, {len(failed) - unreadable} failed" + (f", {unreadable} unreadable" if unreadable else "")
           + (f", {n_dropped} without the metric" if n_dropped else "")

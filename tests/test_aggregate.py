@@ -126,6 +126,9 @@ def test_lr_selection_picks_the_validation_best_and_reports_its_test(results):
     assert by_variant.loc["dora", "lr"] == 1e-4 and by_variant.loc["dora", "mean"] == pytest.approx(np.mean(DORA))
     lower = aggregate.select_lr(aggregate.summarize(ok, "accuracy"), higher_is_better=False).set_index("variant")
     assert lower.loc["lora", "lr"] == 1e-4  # e.g. perplexity: the lowest validation mean wins
+    # both picks lie at an end of their two-point grid; full fine-tuning tried one lr: no edge to speak of
+    assert by_variant["lr_edge"].to_dict() == {"dora": "lowest", "full": "", "lora": "highest"}
+    assert by_variant["lrs_tried"].to_dict() == {"dora": 2, "full": 1, "lora": 2}
     # the choice, as the per-variant lr map the next sweep takes (train's optim.lr={...})
     assert aggregate.lr_map(chosen) == "{dora:0.0001,full:0.0001,lora:0.001}"
     assert aggregate.lr_map(aggregate.summarize(ok, "accuracy")) is None  # two lrs per variant: no single map
@@ -153,6 +156,7 @@ def test_cli_writes_markdown_latex_csv_and_lists_failures(results, capsys):
     out = capsys.readouterr().out
     assert "| toy | dora | 8 | 1e-04 | 0.8400 ± 0.0158 |" in out and "1 failed" in out and "NonFiniteLoss" in out
     assert "val-best lr per variant, for the next sweep: optim.lr={dora:0.0001,full:0.0001,lora:0.001}" in out
+    assert "note: lora r=8: lr 0.001 is the highest of the 2 tried; the best lr may lie beyond the grid" in out
     for ext in ("md", "tex", "csv"):
         assert (results / "tables" / f"summary_accuracy.{ext}").stat().st_size > 0
     assert "\\toprule" in (results / "tables" / "summary_accuracy.tex").read_text()
@@ -223,8 +227,8 @@ def test_demo_probes_each_methods_own_grid_then_compares_at_the_chosen_lrs(tmp_p
     # one sweep per kind (only the low-rank methods take a rank), over three per-method lr maps
     assert probe == [
         "-m experiments.train -m experiment=demo results_dir=d/probe logger=none launcher=joblib "
-        "hydra.launcher.n_jobs=2 variant=lora,dora variant.rank=8 seed=0 "
-        "optim.lr={lora:0.001,dora:0.001},{lora:0.003,dora:0.003},{lora:0.01,dora:0.01}",
+        "hydra.launcher.n_jobs=2 variant=dora,lora variant.rank=8 seed=0 "  # the slower first
+        "optim.lr={dora:0.001,lora:0.001},{dora:0.003,lora:0.003},{dora:0.01,lora:0.01}",
         "-m experiments.train -m experiment=demo results_dir=d/probe logger=none launcher=joblib "
         "hydra.launcher.n_jobs=2 variant=full seed=0 optim.lr={full:3e-05},{full:0.0001},{full:0.0003}"]
     lrs = {"lora": 0.003, "galore": 3e-4, "dora": 0.01, "full": 1e-4}
@@ -234,10 +238,10 @@ def test_demo_probes_each_methods_own_grid_then_compares_at_the_chosen_lrs(tmp_p
         "-m experiments.train -m experiment=demo results_dir=d logger=none variant=lora variant.rank=2,8,32 "
         "seed=0,1,2 optim.lr={lora:0.003}",
         "-m experiments.train -m experiment=demo results_dir=d logger=none variant=galore,dora variant.rank=8 "
-        "seed=0,1,2 optim.lr={galore:0.0003,dora:0.01}",
+        "seed=0,1,2 optim.lr={galore:0.0003,dora:0.01}",  # the slowest first
         "-m experiments.train -m experiment=demo results_dir=d logger=none variant=full seed=0,1,2 "
         "optim.lr={full:0.0001}"]
-    assert "variant=lora,dora variant.rank=2,8,32" in " ".join(demo.compare_cmds("d", lrs, 1, ("lora", "dora"))[0])
+    assert "variant=dora,lora variant.rank=2,8,32" in " ".join(demo.compare_cmds("d", lrs, 1, ("lora", "dora"))[0])
     assert set(demo.GRID) == {*demo.LOW_RANK, *demo.BASELINES} and all(len(g) == 3 for g in demo.GRID.values())
     # the chosen lrs come from the probe's --select-lr table; the probe runs stage 2 repeats are copied
     for variant, lr, val in [("lora", 1e-3, 0.70), ("lora", 3e-3, 0.75), ("full", 1e-4, 0.72)]:
