@@ -254,7 +254,9 @@ def paired_tests(df: pd.DataFrame, chosen: pd.DataFrame, metric: str, baseline: 
             base = base[base["rank"] == s["rank"]]
         if base.empty:
             continue
-        b = base.iloc[0]
+        # several baseline settings left (a rank-less method vs a rank sweep): the baseline at its val-best
+        higher = base["direction"].iloc[0] != "min"
+        b = base.loc[(base["val_mean"] if higher else -base["val_mean"]).idxmax()] if len(base) > 1 else base.iloc[0]
         x = _by_seed(df, s, metric)
         y = _by_seed(df, b, metric)
         seeds = sorted(set(x) & set(y))
@@ -270,7 +272,8 @@ def paired_tests(df: pd.DataFrame, chosen: pd.DataFrame, metric: str, baseline: 
             p_w = float(stats.wilcoxon(diff).pvalue)
         rows.append({"task": s["task"], "variant": s["variant"], "rank": s["rank"], "lr": s["lr"],
                      **{c: s[c] for c in s.index if c.startswith("cfg.")}, "baseline": baseline,
-                     "baseline_lr": b["lr"], "n_pairs": len(seeds), "direction": s["direction"],
+                     "baseline_lr": b["lr"], "baseline_rank": b["rank"], "n_pairs": len(seeds),
+                     "direction": s["direction"],
                      "mean_diff": float(diff.mean()) if len(seeds) else math.nan, "p_ttest": p_t,
                      "p_wilcoxon": p_w, "p_note": note})
     out = pd.DataFrame(rows)
@@ -353,7 +356,8 @@ def notes(summary: pd.DataFrame, tests: pd.DataFrame | None, metric: str, baseli
     out = ["95% CI: " + "; ".join(ci + [rule for m, (_, rule) in CI_TEXT.items() if m not in used and rule]) + "."]
     if tests is not None and not tests.empty:
         better = "higher" if tests["direction"].iloc[0] == "max" else "lower"
-        out.append(f"Δ: test {metric} minus {baseline}'s (same task and rank, matched seeds); {better} is better. "
+        out.append(f"Δ: test {metric} minus {baseline}'s (same task and rank, matched seeds; a rank-less method vs "
+                   f"{baseline}'s val-best setting); {better} is better. "
                    f"p: paired t-test where both have ≥ {TEST_FROM} matched seeds and the difference varies, "
                    f"Holm-corrected over the t-tests run ({int(tests['p_ttest'].notna().sum())}).")
     if "n_trivial" in summary and summary["n_trivial"].notna().any():

@@ -145,6 +145,17 @@ def test_paired_tests_match_scipy_on_matched_seeds_and_holm_orders(results):
     assert tests["p_holm"].tolist() == pytest.approx(aggregate.holm(raw))
 
 
+def test_a_rankless_method_is_compared_with_the_baselines_val_best_setting(tmp_path):
+    for seed in range(3):
+        for rank, val in ((2, 0.6), (8, 0.8), (32, 0.7)):  # rank 8 is lora's val-best
+            record(tmp_path, "lora", seed, 1e-3, val=val, test=val + 0.01 * seed, rank=rank)
+        record(tmp_path, "full", seed, 1e-4, val=0.9, test=0.9, rank=None)
+    ok, _ = aggregate.load(tmp_path)
+    tests = aggregate.paired_tests(ok, aggregate.summarize(ok, "accuracy"), "accuracy").set_index("variant")
+    assert tests.loc["full", "baseline_rank"] == 8
+    assert tests.loc["full", "mean_diff"] == pytest.approx(0.9 - (0.8 + 0.01))
+
+
 def test_holm_against_hand_computed_values():
     # sorted p: 0.01 (x3) -> 0.03, 0.02 (x2) -> 0.04, 0.04 (x1) -> 0.04 (monotone)
     assert aggregate.holm([0.04, 0.01, 0.02]) == pytest.approx([0.04, 0.03, 0.04])
