@@ -72,7 +72,7 @@ def rank_vs_quality(chosen: pd.DataFrame, metric: str, out_dir: Path, task: str)
             ax.axhline(r["mean"].iloc[0], ls="--" if i == 0 else ":", color="0.3", lw=1, label=f"{ref} (no rank)")
     trivial = chosen.dropna(subset=["trivial"])
     if not trivial.empty:
-        ax.axhline(trivial["trivial"].iloc[0], ls=":", color="tab:red", lw=1,
+        ax.axhline(trivial["trivial"].iloc[0], ls="-.", color="0.55", lw=1,
                    label=f"trivial: {next(iter(trivial['trivial_name'].dropna()), 'baseline')}")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("rank r")
