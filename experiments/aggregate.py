@@ -207,7 +207,7 @@ def select_lr(summary: pd.DataFrame, higher_is_better: bool | None = None) -> pd
     ``direction`` unless ``higher_is_better`` is given; unknown: a ValueError). Ties: the smaller lr."""
     keys = [k for k in identity(summary) if k != "lr"]
     higher = higher_better(summary, "--select-lr") if higher_is_better is None else higher_is_better
-    ordered = summary.assign(_by=summary["val_mean"] * (-1 if higher else 1)).sort_values(["_by", "lr"])
+    ordered = summary.assign(_by=_val_loss(summary, higher)).sort_values(["_by", "lr"])
     groups = ordered.groupby(keys, dropna=False, sort=False)
     best = groups.head(1).drop(columns="_by")
     tried = groups["lr"].agg(["min", "max", "count"]).reset_index()
@@ -219,13 +219,23 @@ def select_lr(summary: pd.DataFrame, higher_is_better: bool | None = None) -> pd
     return best.sort_values(keys).reset_index(drop=True)
 
 
+def _val_loss(summary: pd.DataFrame, higher: bool) -> pd.Series:
+    """The validation mean signed so that lower is better: what lr selection and the baseline pick minimise."""
+    return summary["val_mean"] * (-1 if higher else 1)
+
+
+def lr_map_text(lrs: dict[str, float]) -> str:
+    """{variant: lr} as the Hydra dict value ``train``'s ``optim.lr`` takes: ``{lora:0.003,full:5e-05}``."""
+    return "{" + ",".join(f"{v}:{lr:g}" for v, lr in lrs.items()) + "}"
+
+
 def lr_map(chosen: pd.DataFrame) -> str | None:
-    """The chosen lrs as the per-variant map ``train`` takes (``{lora:0.003,full:5e-05}``), when every variant
-    has one; None when a variant's settings chose different lrs (e.g. per rank)."""
+    """The chosen lrs as the per-variant map ``train`` takes (``lr_map_text``), when every variant has one;
+    None when a variant's settings chose different lrs (e.g. per rank)."""
     lrs = chosen.groupby("variant", sort=False)["lr"].unique()
     if lrs.map(len).max() != 1:
         return None
-    return "{" + ",".join(f"{v}:{lr[0]:g}" for v, lr in lrs.items()) + "}"
+    return lr_map_text({v: lr[0] for v, lr in lrs.items()})
 
 
 def holm(pvalues) -> list[float]:
@@ -255,8 +265,7 @@ def paired_tests(df: pd.DataFrame, chosen: pd.DataFrame, metric: str, baseline: 
         if base.empty:
             continue
         # several baseline settings left (a rank-less method vs a rank sweep): the baseline at its val-best
-        higher = base["direction"].iloc[0] != "min"
-        b = base.loc[(base["val_mean"] if higher else -base["val_mean"]).idxmax()] if len(base) > 1 else base.iloc[0]
+        b = base.loc[_val_loss(base, base["direction"].iloc[0] != "min").idxmin()] if len(base) > 1 else base.iloc[0]
         x = _by_seed(df, s, metric)
         y = _by_seed(df, b, metric)
         seeds = sorted(set(x) & set(y))

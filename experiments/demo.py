@@ -16,6 +16,7 @@ fine-tuning and head-only, take none). A probe run that stage 2 repeats (seed 0,
 the same config and so the same run id: its record is copied and the sweep skips it. The whole comparison
 fits the ten minutes of ``make demo`` on 2 cores only so: every low-rank method across three ranks would
 double stage 2 (``--rank-sweep lora,dora,...`` asks for more).
+
 Finished runs are skipped, so an interrupted demo resumes where it stopped.
 """
 
@@ -31,6 +32,8 @@ import sys
 import time
 from pathlib import Path
 
+from experiments.aggregate import lr_map_text
+
 LOW_RANK = ("lora", "lora_plus", "dora", "galore", "adalora")
 BASELINES = ("full", "head")
 # Per method, three lrs a factor ~3 apart around where it works at this budget (50 steps of 8): LoRA+ trains
@@ -40,11 +43,6 @@ GRID = {"lora": (1e-3, 3e-3, 1e-2), "dora": (1e-3, 3e-3, 1e-2), "lora_plus": (2e
         "head": (3e-3, 1e-2, 3e-2)}
 PROBE_RANK, RANKS, SEEDS = 8, (2, 8, 32), (0, 1, 2)
 RANK_SWEPT = ("lora",)  # across RANKS in stage 2; the other low-rank methods at PROBE_RANK
-
-
-def lr_map(lrs: dict[str, float]) -> str:
-    """A Hydra dict value, ``{lora:0.003,full:5e-05}``: each variant of a sweep at its own lr."""
-    return "{" + ",".join(f"{m}:{lr:g}" for m, lr in lrs.items()) + "}"
 
 
 def train_cmd(results_dir: str | Path, jobs: int, *overrides: str) -> list[str]:
@@ -72,7 +70,7 @@ def probe_cmds(probe_dir: str | Path, methods: list[str], jobs: int) -> list[lis
     """Seed 0, rank 8: one sweep per rank override over the three per-method lr maps of ``GRID``."""
     ranks = {m: (PROBE_RANK,) for m in LOW_RANK}
     return [train_cmd(probe_dir, jobs, f"variant={','.join(members)}", *rank, "seed=0",
-                      "optim.lr=" + ",".join(lr_map({m: GRID[m][i] for m in members}) for i in range(3)))
+                      "optim.lr=" + ",".join(lr_map_text({m: GRID[m][i] for m in members}) for i in range(3)))
             for members, rank in _sweeps(methods, ranks)]
 
 
@@ -81,7 +79,7 @@ def compare_cmds(results_dir: str | Path, lrs: dict[str, float], jobs: int,
     """Each method at its chosen lr, every seed; ``rank_swept`` across RANKS, the other low-rank ones at 8."""
     ranks = {m: RANKS if m in rank_swept else (PROBE_RANK,) for m in LOW_RANK}
     return [train_cmd(results_dir, jobs, f"variant={','.join(members)}", *rank, f"seed={','.join(map(str, SEEDS))}",
-                      f"optim.lr={lr_map({m: lrs[m] for m in members})}")
+                      f"optim.lr={lr_map_text({m: lrs[m] for m in members})}")
             for members, rank in _sweeps(list(lrs), ranks)]
 
 

@@ -55,7 +55,7 @@ def _quality(chosen: pd.DataFrame, metric: str) -> str:
 def rank_vs_quality(chosen: pd.DataFrame, metric: str, out_dir: Path, task: str) -> list[Path]:
     """log2 rank on x, mean test metric with its 95 % CI band, one line per low-rank variant (per setting,
     when a variant has several); full fine-tuning and head-only as horizontal references, the task's trivial
-    baseline (majority class, untouched model...) as a dotted one."""
+    baseline (majority class, untouched model...) as a grey dash-dot one."""
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     ranked = chosen[chosen["rank"].notna()]
     for variant, g in ranked.groupby(series(ranked), sort=True):
