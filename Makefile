@@ -8,9 +8,13 @@ export WANDB_MODE ?= offline
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
-.PHONY: setup assets demo tables plots test test-full lint bench clean
+.PHONY: help setup assets demo tables plots test test-full lint bench clean
+.DEFAULT_GOAL := help
 
-setup: $(STAMP)
+help: ## this list
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+setup: $(STAMP) ## the virtual environment (.venv: torch CPU wheel, the project, offline assets in pip packages)
 
 # torch first (pinned: the CPU wheel on local disk; unpinned pulls a multi-GB CUDA build), then the project.
 # uv installs what pip would, several times faster (a fresh set-up: about 1 min instead of about 3); pip
@@ -33,34 +37,34 @@ $(STAMP): pyproject.toml
 ASSETS_DIR ?= $(or $(LORABENCH_ASSETS),$(HOME)/.cache/lorabench/assets)
 ASSETS_STAMP := $(ASSETS_DIR)/.stamp
 export LORABENCH_ASSETS := $(ASSETS_DIR)
-assets: $(ASSETS_STAMP)
+assets: $(ASSETS_STAMP) ## Austen novels and food reviews (Debian packages), SmolLM2 as safetensors: the lm and reviews tasks
 $(ASSETS_STAMP): $(STAMP) experiments/assets.py
 	$(BIN)/python -m experiments.assets "$(ASSETS_DIR)"
 	touch $(ASSETS_STAMP)
 
 # the demo needs only MiniLM and Rotten Tomatoes, both inside pip packages: no `make assets`
-demo: $(STAMP)
+demo: $(STAMP) ## the main job: tune each method's lr, 3 seeds each, table + plots (< 10 min on 2 cores)
 	$(BIN)/python -m experiments.demo
 
 # a sweep's records -> tables (fair protocol: each variant at its val-best lr) and plots; RESULTS=results/demo ...
 RESULTS ?= results
-tables: $(STAMP)
+tables: $(STAMP) ## records -> tables, each variant at its val-best lr (RESULTS=results/demo ...)
 	$(BIN)/python -m experiments.aggregate --results-dir "$(RESULTS)" --select-lr
 
-plots: $(STAMP)
+plots: $(STAMP) ## records -> plots (RESULTS=...)
 	$(BIN)/python -m experiments.plots --results-dir "$(RESULTS)"
 
-test: $(STAMP) $(ASSETS_STAMP)
+test: $(STAMP) $(ASSETS_STAMP) ## the test suite without the slow end-to-end runs (a few minutes)
 	WANDB_MODE=disabled $(BIN)/python -m pytest -q -n 2
 
-test-full: $(STAMP) $(ASSETS_STAMP)
+test-full: $(STAMP) $(ASSETS_STAMP) ## every test, the slow ones included
 	WANDB_MODE=disabled $(BIN)/python -m pytest -q -n 2 -m "slow or not slow"
 
-lint: $(STAMP)
+lint: $(STAMP) ## ruff
 	$(BIN)/ruff check variants experiments tests
 
-bench: $(STAMP)
+bench: $(STAMP) ## step time and memory of each variant against its reference
 	$(BIN)/python -m experiments.bench
 
-clean:
+clean: ## remove .venv and pytest caches
 	rm -rf $(VENV) .pytest_cache

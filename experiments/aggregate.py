@@ -40,13 +40,12 @@ import pandas as pd
 from scipy import stats
 
 from experiments import records
+from experiments.costs import COSTS
+from experiments.costs import NAMES as COST
 
 IDENTITY = ["task", "model", "variant", "rank", "alpha", "scaling", "targets", "lr"]  # a setting, minus seed
-# config keys that IDENTITY already covers (resolved: the record's rank, targets...), or that name the run
-_COVERED = {"seed", "optim.lr", "task.name", "variant.name", "variant.rank", "variant.alpha", "variant.scaling",
-            "variant.targets", "experiment"}
-COST = ["trainable_params", "trainable_pct", "weight_bytes", "trainable_bytes", "gradient_bytes",
-        "optimizer_state_bytes", "peak_memory_bytes", "eval_peak_memory_bytes", "step_time_ms", "train_time_s"]
+# config keys a record field already holds, resolved (its rank, its targets...), or that name the run
+_COVERED = set(records.IDENTITY_KEYS.values()) | {"experiment"}
 BCA_FROM = 10  # seeds from which the CI is a BCa bootstrap; below, a Student-t interval (none for one seed)
 TEST_FROM = 3  # matched seeds from which a paired t-test is run (Wilcoxon: from 6)
 # CI method -> (what it is, the rule when no setting used it)
@@ -325,8 +324,7 @@ def table(summary: pd.DataFrame, tests: pd.DataFrame | None, metric: str) -> pd.
             **({"at trivial": _flagged(r["n_trivial"], int(r["n"]))} if trivial else {}),
             delta: "" if pd.isna(r.get("mean_diff", math.nan)) else f"{r['mean_diff']:+.4f}",
             "p (Holm)": r.get("p_note", "") if pd.isna(p) else f"{p:.3g}",
-            "trainable": f"{int(r['trainable_params']):,}",
-            "train peak MiB": f"{r['peak_memory_bytes'] / 2**20:.0f}", "ms/step": f"{r['step_time_ms']:.1f}",
+            **{c.column: c.format(r.get(c.name)) for c in COSTS if c.column},
         })
     return pd.DataFrame(rows)
 

@@ -3,13 +3,15 @@
     python -m experiments.plots [--results-dir results] [--metric accuracy] [--task sentiment]
 
 Reads records only (through ``experiments.aggregate``), never a model. Per task, in its main metric (or
-``--metric``) and that metric's direction (lower-is-better metrics say so on the axis).
+``--metric``) and that metric's direction (lower-is-better metrics say so on the axis), every plot
+registered with ``@register_plot`` (``PLOTS``) is drawn; the Pareto fronts follow ``experiments.costs``.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import matplotlib
@@ -20,12 +22,9 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from experiments import aggregate  # noqa: E402
+from experiments.costs import BY_NAME, COSTS  # noqa: E402
 
 REFERENCES = ("full", "head")  # rank-less baselines: horizontal lines on rank plots
-COSTS = {"trainable_params": "trainable params", "peak_memory_bytes": "training peak memory (bytes)",
-         "step_time_ms": "step time (ms)"}  # Pareto fronts: quality against each
-
-
 def _save(fig, out_dir: Path, stem: str) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [out_dir / f"{stem}.png", out_dir / f"{stem}.svg"]
@@ -108,9 +107,10 @@ def pareto(chosen: pd.DataFrame, metric: str, cost: str, out_dir: Path, task: st
     front = pareto_front(x, y, higher_is_better)
     ax.plot(x[front], y[front], color="k", lw=1, ls="--", label="Pareto front")
     ax.set_xscale("log")
-    ax.set_xlabel(COSTS.get(cost, cost.replace("_", " ")))
+    label = BY_NAME[cost].label if cost in BY_NAME else cost.replace("_", " ")
+    ax.set_xlabel(label)
     ax.set_ylabel(_quality(chosen, metric))
-    ax.set_title(f"{task}: {metric} vs {COSTS.get(cost, cost.replace('_', ' '))}")
+    ax.set_title(f"{task}: {metric} vs {label}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, out_dir, f"pareto_{cost}_{task}")
@@ -139,6 +139,39 @@ def loss_curves(results_dir: Path, out_dir: Path, task: str) -> list[Path]:
     return _save(fig, out_dir, f"loss_{task}")
 
 
+# --- the plots `make_all` draws per task: name -> fn(chosen, metric, out_dir, task, results_dir) -> paths
+
+PLOTS: dict[str, Callable[..., list[Path]]] = {}
+
+
+def register_plot(name: str):
+    """Decorator: draw ``fn(chosen, metric, out_dir, task, results_dir) -> list[Path]`` for every task.
+    ``chosen`` is the task's summary (one row per setting, each method at its val-best lr: ``mean``,
+    ``ci_low``/``ci_high``, ``n``, the identity and cost columns); ``metric`` the task's main metric."""
+
+    def deco(fn):
+        PLOTS[name] = fn
+        return fn
+
+    return deco
+
+
+@register_plot("rank_vs_quality")
+def _rank_plot(chosen, metric, out_dir, task, results_dir):
+    return rank_vs_quality(chosen, metric, out_dir, task)
+
+
+@register_plot("pareto")
+def _pareto_plots(chosen, metric, out_dir, task, results_dir):
+    """One front per cost that asks for one (``experiments.costs``, ``pareto=True``)."""
+    return [p for c in COSTS if c.pareto for p in pareto(chosen, metric, c.name, out_dir, task)]
+
+
+@register_plot("loss")
+def _loss_plot(chosen, metric, out_dir, task, results_dir):
+    return loss_curves(results_dir, out_dir, task)
+
+
 def make_all(results_dir: str | Path, out_dir: str | Path | None = None, metric: str | None = None,
              task: str | None = None, select_lr: bool = True) -> list[Path]:
     results_dir = Path(results_dir)
@@ -157,10 +190,8 @@ def make_all(results_dir: str | Path, out_dir: str | Path | None = None, metric:
             continue
         summary = aggregate.summarize(g[has], m)  # the metric's direction: this task's records
         chosen = aggregate.select_lr(summary) if select_lr else summary
-        paths += rank_vs_quality(chosen, m, out_dir, t)
-        for cost in COSTS:
-            paths += pareto(chosen, m, cost, out_dir, t)
-        paths += loss_curves(results_dir, out_dir, t)
+        for draw in PLOTS.values():
+            paths += draw(chosen, m, out_dir, t, results_dir)
     return paths
 
 

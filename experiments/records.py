@@ -16,6 +16,10 @@ from pathlib import Path
 from experiments.files import atomic_write
 
 SCHEMA = 1
+# the record's fields that name a setting -> the config key each one resolves (the record's rank is the
+# rank in use, its targets the module names matched...); aggregation reads the field, not the config key
+IDENTITY_KEYS = {"task": "task.name", "variant": "variant.name", "rank": "variant.rank", "alpha": "variant.alpha",
+                 "scaling": "variant.scaling", "targets": "variant.targets", "lr": "optim.lr", "seed": "seed"}
 # where things go, how they are shown, how fast they run: none of it changes a run's result
 NON_SEMANTIC = ("results_dir", "cache_dir", "assets_dir", "logger", "force", "save_adapter", "progress", "hydra",
                 "threads_per_job", "task.cache_dir", "task.assets_dir")

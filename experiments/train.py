@@ -7,6 +7,7 @@ exists, build task -> model -> variant, train with the shared trainer, write the
 
 from __future__ import annotations
 
+import re
 import sys
 import time
 import traceback
@@ -17,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 import variants
-from experiments import records, tasks
+from experiments import records, schema, tasks  # noqa: F401  (schema: the structured configs, on import)
 from experiments.trainer import OptimConfig, fit, pick_device, reseed, seed_everything
 
 
@@ -25,16 +26,13 @@ class ConfigError(ValueError):
     """The configuration cannot describe a run (bad option, unknown name, targets matching nothing)."""
 
 
-def _variant(cfg: dict, task: tasks.Task | None = None) -> variants.Variant:
+def _variant(cfg: dict, spec: tasks.TaskSpec) -> variants.Variant:
+    """The run's variant, created once: its options, where they are null (``head``, ``train_head``,
+    ``targets``: "the task's") the task's head, whether it trains and its default targets."""
     opts = dict(cfg["variant"])
     name = opts.pop("name")
-    if task is not None:
-        opts.setdefault("head", task.head)
-        opts.setdefault("train_head", task.train_head)
-        if "targets" in opts and opts["targets"] is None:
-            opts["targets"] = task.default_targets
-    elif opts.get("targets", "") is None:
-        opts.pop("targets")
+    from_task = {"head": spec.head, "train_head": spec.train_head, "targets": spec.default_targets}
+    opts.update({k: v for k, v in from_task.items() if k in opts and opts[k] is None})
     return variants.create(name, **opts)
 
 
@@ -62,21 +60,29 @@ def per_variant_lr(cfg: dict) -> dict:
     return {**cfg, "optim": {**cfg["optim"], "lr": lr[name]}}
 
 
-def check(cfg: dict) -> None:
-    """Everything that can be checked without building the model."""
-    _variant(cfg)
+def _task_options(cfg: dict) -> dict:
+    return {k: v for k, v in cfg["task"].items() if k != "name"}
+
+
+def check(cfg: dict) -> tuple[tasks.TaskSpec, variants.Variant]:
+    """Everything that can be checked without building the model: the task and its option names, the
+    variant (created here, once) and the optimisation options."""
+    spec = tasks.check_options(cfg["task"].get("name"), _task_options(cfg))
+    variant = _variant(cfg, spec)
     _optim(cfg)
-    tasks.check_name(cfg["task"].get("name"))
+    return spec, variant
 
 
-def build(cfg: dict) -> tuple[tasks.Task, variants.Variant, nn.Module]:
-    """task -> variant -> adapted model. The task's new weights (a classifier head) and the adapter's init
-    each draw from their own stream of the run's seed (``stream_seed``), never from one shared state."""
+def build(cfg: dict, variant: variants.Variant | None = None) -> tuple[tasks.Task, variants.Variant, nn.Module]:
+    """task -> model -> adapted model (the variant from ``check`` unless given). The task's new weights (a
+    classifier head) and the adapter's init each draw from their own stream of the run's seed
+    (``stream_seed``), never from one shared state."""
+    if variant is None:
+        _, variant = check(cfg)
     seed = cfg["seed"]
     seed_everything(seed)  # python and numpy; torch's generators are pointed at one stream per use below
     reseed(seed, "model")
-    task = tasks.build(cfg["task"]["name"], **{k: v for k, v in cfg["task"].items() if k != "name"})
-    variant = _variant(cfg, task)
+    task = tasks.build(cfg["task"]["name"], **_task_options(cfg))
     reseed(seed, "adapter")
     return task, variant, variant.apply(task.model)
 
@@ -90,7 +96,7 @@ def run(cfg: dict) -> dict:
 
     try:
         cfg = per_variant_lr(cfg)
-        check(cfg)
+        _, variant = check(cfg)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     rid = records.run_id(cfg)
@@ -105,19 +111,17 @@ def run(cfg: dict) -> dict:
         torch.set_num_threads(int(cfg["threads_per_job"]))
     device = str(pick_device(cfg.get("device", "auto")))
     try:
-        task, variant, model = build(cfg)
+        task, variant, model = build(cfg, variant)
     except ValueError as e:  # bad task option, targets that do not fit the model, missing asset
         raise ConfigError(str(e)) from None
 
-    v = variant.cfg
     record = {
         "schema": records.SCHEMA, "run_id": rid, "group_id": records.group_id(cfg), "status": "running",
         "error": None, "variant": variant.name, "task": task.name, "model": task.model_name,
-        "rank": getattr(v, "rank", None), "alpha": getattr(v, "alpha", None), "scaling": getattr(v, "scaling", None),
-        "targets": getattr(variant, "target_modules", None),
+        **variant.identity(),  # rank, alpha, scaling, targets: as resolved by apply()
         "lr": cfg["optim"]["lr"], "seed": cfg["seed"], "metrics": None, "history": [], "cost": None,
-        "main_metric": task.data.main_metric, "higher_is_better": task.data.higher_is_better,
-        "directions": task.data.directions, "trivial": task.data.trivial, "task_info": task.info, "config": cfg,
+        "main_metric": task.main_metric, "higher_is_better": task.higher_is_better,
+        "directions": task.directions, "trivial": task.trivial, "task_info": task.info, "config": cfg,
         "env": records.environment(device),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
@@ -129,7 +133,7 @@ def run(cfg: dict) -> dict:
 def _train(cfg, task, variant, model, record, wb) -> None:
     results_dir, rid = cfg["results_dir"], record["run_id"]
     try:
-        result = fit(model, variant, task.data, _optim(cfg), seed=cfg["seed"], device=record["env"]["device"],
+        result = fit(model, variant, task, _optim(cfg), seed=cfg["seed"], device=record["env"]["device"],
                      bf16=cfg.get("bf16", False), progress=cfg.get("progress"), log=wb.log)
         record.update(result, status="ok")
         state = variant.summary(model)
@@ -243,7 +247,8 @@ def cli_problem(argv: list[str]) -> str | None:
         cause = e.__cause__ or e
         lines = [ln.strip().rstrip(".") for ln in f"{e}\n{cause}".splitlines() if ln.strip() and "full_key" not in ln
                  and "object_type" not in ln and "append to your config" not in ln]
-        return ": ".join(dict.fromkeys(lines)) or type(e).__name__
+        text = ": ".join(dict.fromkeys(lines)) or type(e).__name__
+        return re.sub(r"Key '(\w+)' not in '\w+Node'", r"no such option (docs/configuration.md lists them)", text)
     return None
 
 

@@ -11,7 +11,8 @@ import os
 import random
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -19,6 +20,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from variants import Variant
+
+if TYPE_CHECKING:
+    from experiments.tasks import Task
 
 
 class NonFiniteLoss(RuntimeError):
@@ -52,7 +56,10 @@ class OptimConfig:
             if not ok:
                 raise ValueError(f"invalid option optim.{name}={getattr(self, name)!r}: expected {expected}")
 
-        need(self.lr > 0, "lr", "a positive number")
+        def number(x) -> bool:
+            return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+        need(number(self.lr) and self.lr > 0, "lr", "a positive number (or, in a config, a map variant: lr)")
         need(self.weight_decay >= 0, "weight_decay", ">= 0")
         need(self.schedule in ("constant", "linear", "cosine"), "schedule", "constant, linear or cosine")
         need(0 <= self.warmup_ratio < 1, "warmup_ratio", "in [0, 1)")
@@ -61,35 +68,6 @@ class OptimConfig:
         need(self.batch_size >= 1, "batch_size", ">= 1")
         need(self.eval_batch_size >= 1, "eval_batch_size", ">= 1")
         need(self.max_steps > 0 or self.epochs > 0, "max_steps", "> 0 (or epochs > 0)")
-
-
-@dataclass
-class TaskData:
-    """What a task hands the trainer: splits, batching, the loss and the metrics."""
-
-    train: torch.utils.data.Dataset
-    val: torch.utils.data.Dataset
-    test: torch.utils.data.Dataset
-    loss: Callable[[nn.Module, dict], torch.Tensor]
-    evaluate: Callable[[nn.Module, DataLoader], dict]  # -> {"accuracy": ..., ...}
-    main_metric: str  # e.g. "accuracy", "perplexity"
-    # every metric ``evaluate`` returns, with its direction: "max" (higher is better) or "min"
-    directions: dict[str, str] = field(default_factory=dict)
-    # the metrics of the task's trivial solution ({"name": ..., "val": {...}, "test": {...}}): the majority
-    # class, the untouched model... A run no better than it did not train (aggregate flags it)
-    trivial: dict | None = None
-    collate: Callable | None = None
-    info: dict = field(default_factory=dict)  # e.g. data fingerprint, split sizes
-
-    def __post_init__(self) -> None:
-        bad = {m: d for m, d in self.directions.items() if d not in ("max", "min")}
-        if self.main_metric not in self.directions or bad:
-            raise ValueError(f"task metrics need a direction ('max' or 'min'): main metric {self.main_metric!r}, "
-                             f"declared {self.directions}")
-
-    @property
-    def higher_is_better(self) -> bool:
-        return self.directions[self.main_metric] == "max"
 
 
 def seed_everything(seed: int) -> None:
@@ -218,10 +196,11 @@ class PeakMemory:
             reset_peak_memory(self.device)
 
 
-def fit(model: nn.Module, variant: Variant, data: TaskData, cfg: OptimConfig, *, seed: int = 0,
+def fit(model: nn.Module, variant: Variant, data: Task, cfg: OptimConfig, *, seed: int = 0,
         device: str | torch.device = "auto", bf16: bool = False, progress: bool | None = None,
         log: Callable[[dict, int], None] | None = None) -> dict:
-    """Train ``model`` (already adapted by ``variant``) and evaluate it. Returns metrics, history, cost."""
+    """Train ``model`` (already adapted by ``variant``) on the task ``data`` (its splits, loss and metrics)
+    and evaluate it. Returns metrics, history, cost."""
     cfg.validate()
     device = pick_device(device) if isinstance(device, str) else device
     model.to(device)

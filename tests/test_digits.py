@@ -6,9 +6,7 @@ import json
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
-from test_train import CONF
+from conftest import compose_config
 from torch.utils.data import DataLoader
 
 from experiments import records, tasks
@@ -17,10 +15,8 @@ from experiments.train import ConfigError, run
 
 
 def config(tmp_path, *overrides) -> dict:
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        cfg = compose("train", overrides=["task=digits", "logger=none", f"results_dir={tmp_path / 'results'}",
-                                          f"cache_dir={tmp_path / 'cache'}", *overrides])
-    return OmegaConf.to_container(cfg, resolve=True)
+    return compose_config("logger=none", *overrides, task="digits", results_dir=tmp_path / "results",
+                          cache_dir=tmp_path / "cache")
 
 
 def test_split_is_stratified_disjoint_complete_and_seeded():
@@ -66,17 +62,17 @@ def test_weak_class_is_the_base_models_worst_on_validation_and_untouched_model_s
     per_class = digits.per_class_accuracy(task.model, x, y)
     assert task.info["weak_class"] == min(range(10), key=lambda c: (per_class[c], c))
     assert per_class[task.info["weak_class"]] < 0.5 < sum(per_class) / 10  # a clearly weak class in a decent base
-    train_labels = {int(y) for _, y in task.data.train}
+    train_labels = {int(y) for _, y in task.train}
     assert train_labels == {task.info["weak_class"]}  # replay=0: fine-tuning sees only the weak class
-    m = task.data.evaluate(task.model, ({"x": a, "y": b} for a, b in DataLoader(task.data.val, batch_size=64)))
+    m = task.evaluate(task.model, ({"x": a, "y": b} for a, b in DataLoader(task.val, batch_size=64)))
     assert m["weak_gain"] == 0 and m["forgetting"] == 0 and m["weak_acc"] == per_class[task.info["weak_class"]]
 
 
 def test_replay_mixes_in_that_fraction_of_the_other_classes(tmp_path):
     base = tasks.build("digits", cache_dir=str(tmp_path))
     mixed = tasks.build("digits", cache_dir=str(tmp_path), replay=0.5)
-    n_other = len(digits.load(1234, 0.2, 0.2)["train"][1]) - len(base.data.train)
-    assert len(mixed.data.train) == len(base.data.train) + round(0.5 * n_other)
+    n_other = len(digits.load(1234, 0.2, 0.2)["train"][1]) - len(base.train)
+    assert len(mixed.train) == len(base.train) + round(0.5 * n_other)
 
 
 def test_head_baseline_trains_only_the_pretrained_head(tmp_path):

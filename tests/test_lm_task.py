@@ -12,9 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
-from test_train import CONF
+from conftest import compose_config
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -24,7 +22,7 @@ from experiments.tasks import TaskError, causal_lm
 from experiments.train import ConfigError, _variant, run
 from experiments.trainer import OptimConfig, fit
 
-TINY = {"seq_len": 32, "n_train": 8, "n_val": 3, "n_test": 3, "n_forget": 2}
+TINY = tasks.get("lm").smoke  # seq_len 32; 8 training, 3 val, 3 test and 2 forget blocks
 TINY_OVERRIDES = [f"task.{k}={v}" for k, v in TINY.items()]
 
 
@@ -38,10 +36,7 @@ def build(cache_dir, **options):
 
 
 def config(tmp_path, cache_dir, task="lm", *overrides) -> dict:
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        cfg = compose("train", overrides=[f"task={task}", "logger=none", f"results_dir={tmp_path / 'results'}",
-                                          f"cache_dir={cache_dir}", *overrides])
-    return OmegaConf.to_container(cfg, resolve=True)
+    return compose_config("logger=none", *overrides, task=task, results_dir=tmp_path / "results", cache_dir=cache_dir)
 
 
 def rows(split) -> torch.Tensor:
@@ -60,12 +55,12 @@ def test_blocks_cut_a_stream_into_consecutive_full_pieces():
 
 def test_splits_are_full_blocks_seeded_and_validation_text_is_never_trained_on(cache):
     task = build(cache)
-    train, val, test = rows(task.data.train), rows(task.data.val), rows(task.data.test)
+    train, val, test = rows(task.train), rows(task.val), rows(task.test)
     assert train.shape == (8, 32) and val.shape == (3, 32) and test.shape == (3, 32)
     again = build(cache)
-    assert torch.equal(rows(again.data.train), train) and torch.equal(rows(again.data.val), val)
+    assert torch.equal(rows(again.train), train) and torch.equal(rows(again.val), val)
     other = build(cache, data_seed=1)
-    assert not torch.equal(rows(other.data.train), train) and not torch.equal(rows(other.data.val), val)
+    assert not torch.equal(rows(other.train), train) and not torch.equal(rows(other.val), val)
     assert not {tuple(r) for r in val.tolist()} & {tuple(r) for r in test.tolist()}
 
     # the text itself: validation/test blocks come from the held-out novels, training blocks from the others
@@ -119,9 +114,9 @@ def test_perplexity_is_exp_of_the_mean_nll_over_tokens_not_batches():
 
 def test_untouched_model_has_zero_forget_increase_and_its_base_perplexity(cache):
     task = build(cache)
-    loader = DataLoader(task.data.val, batch_size=2, collate_fn=task.data.collate)
+    loader = DataLoader(task.val, batch_size=2, collate_fn=task.collate)
     with torch.inference_mode():
-        m = task.data.evaluate(task.model, loader)
+        m = task.evaluate(task.model, loader)
     assert m["forget_increase"] == 0.0
     assert m["forget_perplexity"] == task.info["base_perplexity"]["forget"]
     assert m["perplexity"] == pytest.approx(task.info["base_perplexity"]["val"], rel=1e-4)  # other batch sizes
@@ -133,15 +128,15 @@ def test_forgetting_is_scored_once_per_state_of_the_weights(cache, monkeypatch):
     scored = []
     fixed = causal_lm._fixed_batches
     monkeypatch.setattr(causal_lm, "_fixed_batches", lambda split, device: scored.append(1) or fixed(split, device))
-    loader = DataLoader(task.data.val, batch_size=2, collate_fn=task.data.collate)
+    loader = DataLoader(task.val, batch_size=2, collate_fn=task.collate)
     with torch.inference_mode():
-        first = task.data.evaluate(task.model, loader)
-        again = task.data.evaluate(task.model, loader)  # val, then test, on the same weights: scored once
+        first = task.evaluate(task.model, loader)
+        again = task.evaluate(task.model, loader)  # val, then test, on the same weights: scored once
     assert len(scored) == 1 and again["forget_perplexity"] == first["forget_perplexity"]
     with torch.no_grad():
         task.model.model.norm.weight.mul_(1.5)  # an in-place update, as an optimizer step makes
     with torch.inference_mode():
-        moved = task.data.evaluate(task.model, loader)
+        moved = task.evaluate(task.model, loader)
     assert len(scored) == 2 and moved["forget_perplexity"] != first["forget_perplexity"]
 
 
@@ -170,7 +165,7 @@ def test_tokens_and_base_perplexities_are_computed_once_and_cached(tmp_path, mon
     monkeypatch.setattr(causal_lm, "load_tokenizer", lambda *a: NoEncoding(real(*a)))
     second = build(tmp_path)
     assert second.info == first.info
-    assert torch.equal(rows(second.data.val), rows(first.data.val))
+    assert torch.equal(rows(second.val), rows(first.val))
 
 
 def test_end_to_end_lora_writes_an_ok_record_with_perplexity_and_forgetting(tmp_path, cache):
@@ -197,9 +192,9 @@ def test_other_variants_train_the_tied_model(name, tmp_path, cache):
     before = embed.detach().clone()
     # the YAML's defaults; GaLore on q/v only here: an SVD of every Linear's gradient is slow on a CPU
     overrides = ["variant.targets=qv"] if name == "galore" else []
-    variant = _variant(config(tmp_path, cache, "lm", f"variant={name}", *overrides), task)
+    variant = _variant(config(tmp_path, cache, "lm", f"variant={name}", *overrides), task.spec)
     model = variant.apply(model)
-    result = fit(model, variant, task.data, OptimConfig(lr=1e-3, max_steps=2, batch_size=2, eval_batch_size=4,
+    result = fit(model, variant, task, OptimConfig(lr=1e-3, max_steps=2, batch_size=2, eval_batch_size=4,
                                                         warmup_ratio=0.0), device="cpu", progress=False)
     assert math.isfinite(result["metrics"]["test"]["perplexity"])
     assert model.lm_head.weight is model.model.embed_tokens.weight  # still tied after surgery
@@ -242,7 +237,7 @@ def test_gsm8k_text_path_with_a_stand_in_dataset(cache, monkeypatch):
     assert len(pools["train"]) == 40 and len(pools["heldout"]) == 20
     task = tasks.build("lm_gsm8k", model="smollm2", dataset="gsm8k", cache_dir=cache, **TINY)
     assert task.info["dataset"] == "gsm8k" and task.model_name == "SmolLM2-135M-Instruct"
-    assert rows(task.data.train).shape == (8, 32) and rows(task.data.test).shape == (3, 32)
+    assert rows(task.train).shape == (8, 32) and rows(task.test).shape == (3, 32)
 
 
 @pytest.mark.parametrize("override, fragment", [

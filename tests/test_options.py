@@ -105,11 +105,13 @@ def test_param_budget_sets_the_largest_rank_that_fits(name, targets, rank):
     v = variants.create(name, targets=targets, param_budget=2048, rank=1)
     v.apply(model)
     per_rank = sum(sum(dims[n]) for n in v.target_modules)
-    assert v.cfg.rank == 2048 // per_rank and v.cfg.rank * per_rank <= 2048 < (v.cfg.rank + 1) * per_rank
+    assert v.rank == 2048 // per_rank and v.rank * per_rank <= 2048 < (v.rank + 1) * per_rank
     ab = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and ("lora_A" in n or "lora_B" in n))
-    assert ab == v.cfg.rank * per_rank
-    assert v.cfg.rank == rank
-    assert v.cfg.scale == v.cfg.alpha / v.cfg.rank  # the scale follows the resolved rank
+    assert ab == v.rank * per_rank
+    assert v.rank == rank and v.identity()["rank"] == rank
+    assert v.cfg.rank == 1  # the options stay as given; the resolved rank is state
+    layer = model.get_submodule(v.target_modules[0])
+    assert layer.scaling == v.cfg.alpha / v.rank  # the scale follows the resolved rank
 
 
 def test_param_budget_below_rank_one_is_an_error():

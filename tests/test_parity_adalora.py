@@ -35,8 +35,8 @@ def make_pair(dtype=F64, seed=0, targets=TARGETS, orth_reg_weight=0.5, task_type
     """(base, variant, our model, peft model); peft's init is copied into ours."""
     base = model(seed=seed, dtype=dtype)
     v = variants.create("adalora", rank=RANK, init_r=INIT_R, alpha=ALPHA, targets=targets, tinit=TINIT,
-                        tfinal=TFINAL, deltaT=DELTA_T, orth_reg_weight=orth_reg_weight,
-                        train_head=task_type == "SEQ_CLS")
+                        tfinal=TFINAL, deltaT=DELTA_T, orth_reg_weight=orth_reg_weight, dropout=0.0,
+                        train_head=task_type == "SEQ_CLS")  # peft's AdaLoraConfig: lora_dropout 0
     ours = v.apply(copy.deepcopy(base))
     cfg = AdaLoraConfig(task_type=task_type, target_modules=targets, init_r=INIT_R, target_r=RANK,
                         lora_alpha=ALPHA, tinit=TINIT, tfinal=TFINAL, deltaT=DELTA_T, total_step=TOTAL,
@@ -134,9 +134,9 @@ def test_init_starts_at_base_like_peft():
 
 def test_default_init_r_and_rank_is_target():
     v = variants.create("adalora", rank=8)
-    assert v.cfg.init_r == 12  # peft's 12 -> 8
-    assert variants.create("adalora", rank=3).cfg.init_r == 5  # ceil(4.5)
-    assert variants.create("adalora", rank=4, init_r=4).cfg.init_r == 4
+    assert v.cfg.initial_rank == 12 and v.cfg.init_r is None  # peft's 12 -> 8; the option stays as given
+    assert variants.create("adalora", rank=3).cfg.initial_rank == 5  # ceil(4.5)
+    assert variants.create("adalora", rank=4, init_r=4).cfg.initial_rank == 4
 
 
 # ----------------------------------------------------------------------------------------------- forward

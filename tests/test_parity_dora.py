@@ -142,8 +142,8 @@ def paired_params(ours, pm, v: DoRA):
         pairs += [(f"{name}.lora_A", layer.lora_A, twin.lora_A["default"].weight),
                   (f"{name}.lora_B", layer.lora_B, twin.lora_B["default"].weight),
                   (f"{name}.m", layer.lora_magnitude_vector, twin.lora_magnitude_vector["default"].weight)]
-    if v.cfg.train_head:
-        for head in head_module_names(ours, v.cfg.head):
+    if v.cfg.trains_head:
+        for head in head_module_names(ours, v.cfg.heads):
             copy = inner.get_submodule(head).modules_to_save["default"]
             params = ours.get_submodule(head).named_parameters()
             pairs += [(f"{head}.{n}", p, copy.get_parameter(n)) for n, p in params]

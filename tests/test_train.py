@@ -10,25 +10,21 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import CONF, compose_config
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 import variants
 from experiments import records, tasks
+from experiments.costs import NAMES as COST_NAMES
 from experiments.train import ConfigError, run
 
-CONF = str(Path(__file__).resolve().parents[1] / "conf")
 ROOT = Path(__file__).resolve().parents[1]
 VARIANT_CONFIGS = sorted(p.stem for p in (ROOT / "conf" / "variant").glob("*.yaml"))
 TASK_CONFIGS = sorted(p.stem for p in (ROOT / "conf" / "task").glob("*.yaml"))
 FAST = ["optim.max_steps=30", "task.n_train=256", "task.n_val=64", "task.n_test=64", "logger=none"]
-HUB_TASKS = {"glue_sst2", "glue_mrpc", "lm_gsm8k"}  # need the Hugging Face hub: composition only in tests
+HUB_TASKS = {t for t in TASK_CONFIGS if tasks.get(t).hub}  # need the Hugging Face hub: composition only
 OFFLINE_TASKS = [t for t in TASK_CONFIGS if t not in HUB_TASKS]
-_TEXT = ["task.n_train=32", "task.n_val=16", "task.n_test=16", "task.max_length=32"]
-SMALL = {  # task sizes that build in seconds (the real assets, sliced)
-    "synthetic": ["task.n_train=256", "task.n_val=64", "task.n_test=64"], "sentiment": _TEXT, "reviews": _TEXT,
-    "lm": ["task.n_train=4", "task.n_val=2", "task.n_test=2", "task.n_forget=2", "task.seq_len=32"],
-}
 
 
 def build_task(cfg: dict) -> tasks.Task:
@@ -36,19 +32,26 @@ def build_task(cfg: dict) -> tasks.Task:
 
 
 def config(tmp_path, *overrides) -> dict:
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        cfg = compose("train", overrides=[f"results_dir={tmp_path}", *overrides])
-    return OmegaConf.to_container(cfg, resolve=True)
+    return compose_config(*overrides, results_dir=tmp_path)
 
 
 def test_every_registered_variant_has_a_config():
     assert VARIANT_CONFIGS == variants.available()
 
 
+def test_every_registered_task_has_a_config_and_declares_a_smoke_size_if_offline():
+    assert TASK_CONFIGS == tasks.available()
+    assert HUB_TASKS == {"glue_sst2", "glue_mrpc", "lm_gsm8k"}
+    for name in TASK_CONFIGS:
+        spec = tasks.get(name)
+        assert set(spec.smoke) <= set(spec.options), name
+        assert spec.main_metric in spec.metrics
+
+
 @pytest.mark.parametrize("task", TASK_CONFIGS)
 @pytest.mark.parametrize("variant", VARIANT_CONFIGS)
 def test_every_variant_composes_with_every_task_and_builds(variant, task, tmp_path):
-    cfg = config(tmp_path, f"variant={variant}", f"task={task}", f"cache_dir={tmp_path}", *SMALL.get(task, []))
+    cfg = compose_config(f"variant={variant}", results_dir=tmp_path, cache_dir=tmp_path, task=task, smoke=True)
     assert cfg["variant"]["name"] == variant and cfg["task"]["name"] == task
     from experiments.train import _variant, check
 
@@ -57,8 +60,8 @@ def test_every_variant_composes_with_every_task_and_builds(variant, task, tmp_pa
         return
     t = build_task(cfg)
 
-    v = _variant(cfg, t)
-    if variant == "head" and not t.head:  # the synthetic teacher has no head to probe
+    v = _variant(cfg, t.spec)
+    if variant == "head" and not t.spec.head:  # the synthetic teacher has no head to probe
         with pytest.raises(variants.VariantError, match="no such module"):
             v.apply(t.model)
         return
@@ -73,6 +76,7 @@ def test_end_to_end_on_synthetic_writes_an_ok_record(variant, tmp_path):
     on_disk = records.load(records.record_path(tmp_path, record["run_id"]))
     assert on_disk["schema"] == 1 and on_disk["variant"] == variant and on_disk["task"] == "synthetic"
     assert set(on_disk["metrics"]) == {"val", "test"} and "fit" in on_disk["metrics"]["test"]
+    assert sorted(on_disk["cost"]) == sorted(COST_NAMES)  # every cost a record carries is defined once, in costs.py
     for key in ("trainable_params", "total_params", "trainable_pct", "optimizer_state_bytes",
                 "peak_memory_bytes", "train_time_s", "step_time_ms", "adapter_bytes"):
         assert on_disk["cost"][key] is not None, key
@@ -177,7 +181,7 @@ def test_a_lr_map_without_the_variant_is_one_error_line(tmp_path):
 @pytest.mark.parametrize("task", OFFLINE_TASKS)
 def test_building_a_task_does_not_reseed_the_global_rng(task, tmp_path):
     """Else the seed would not reach the adapter's init (a task that reseeds fixes every run's A)."""
-    cfg = config(tmp_path, f"task={task}", f"cache_dir={tmp_path}", *SMALL.get(task, []))
+    cfg = compose_config(results_dir=tmp_path, cache_dir=tmp_path, task=task, smoke=True)
     after = []
     for seed in (5, 6):
         torch.manual_seed(seed)
@@ -190,7 +194,7 @@ def test_building_a_task_does_not_reseed_the_global_rng(task, tmp_path):
     (["variant=nope"], "unknown variant 'nope' (available: adalora, dora, full, galore, head, lora, lora_plus)"),
     (["-m", "variant=lora,nope"], "unknown variant 'nope'"),
     (["experiment=nope"], "unknown experiment 'nope'"),
-    (["task.nope=1"], "Could not override 'task.nope': Key 'nope' is not in struct"),
+    (["task.nope=1"], "Could not override 'task.nope': no such option (docs/configuration.md lists them)"),
     (["-m", "variant=lora,dora", "optim.nope=1,2"], "Could not override 'optim.nope'"),
 ])
 def test_cli_catches_bad_groups_and_keys_before_hydra_in_one_line(args, message):
@@ -299,7 +303,7 @@ def test_peak_memory_is_the_training_loop_only_evaluation_peaks_apart():
     from experiments.trainer import OptimConfig, fit
 
     task = _synthetic()
-    plain = task.data.evaluate
+    plain = task.evaluate
 
     def hungry(model, loader):  # an evaluation that touches 600 MB (think full-vocabulary logits)
         big = torch.ones(150_000_000)
@@ -307,9 +311,9 @@ def test_peak_memory_is_the_training_loop_only_evaluation_peaks_apart():
         del big
         return plain(model, loader)
 
-    task.data.evaluate = hungry
+    task.evaluate = hungry
     v = variants.create("lora", rank=4, targets=["fc1"], train_head=False)
-    cost = fit(v.apply(task.model), v, task.data, OptimConfig(max_steps=6, eval_every=2, batch_size=32),
+    cost = fit(v.apply(task.model), v, task, OptimConfig(max_steps=6, eval_every=2, batch_size=32),
                device="cpu")["cost"]
     # evaluations ran mid-run (steps 2, 4) and at the end, yet the training peak never saw their 600 MB
     assert cost["eval_peak_memory_bytes"] > cost["peak_memory_bytes"] + 500 * 2**20
@@ -357,14 +361,14 @@ def test_adalora_select_best_restores_only_states_within_the_final_budget():
     v = variants.create("adalora", rank=2, init_r=4, targets=["fc1"], train_head=False)
     model = v.apply(task.model)
     seen = []
-    evaluate = task.data.evaluate
+    evaluate = task.evaluate
 
     def watch(m, loader):  # note, at every evaluation, whether the weights were a restorable state
         seen.append(v.can_restore())
         return evaluate(m, loader)
 
-    task.data.evaluate = watch
-    fit(model, v, task.data, OptimConfig(max_steps=30, eval_every=3, select_best=True), device="cpu")
+    task.evaluate = watch
+    fit(model, v, task, OptimConfig(max_steps=30, eval_every=3, select_best=True), device="cpu")
     assert seen[:3] == [False] * 3 and seen[-1]  # early evaluations: over budget, never candidates
     for name, layer in adapter_layers(model, AdaLoRALinear):  # whatever was restored keeps the final budget
         assert int((layer.lora_E != 0).sum()) <= sum(v.rank_pattern[name])

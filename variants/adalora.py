@@ -122,11 +122,9 @@ class AdaLoRAConfig(LowRankConfig):
         super().validate()
         _check(self.scaling == "standard", "scaling", self.scaling,
                "'standard' (AdaLoRA scales by alpha/init_r, as peft; rsLoRA scaling is not defined for it)")
-        if self.init_r is None:
-            self.init_r = math.ceil(1.5 * self.rank)
-        _check(isinstance(self.init_r, int) and not isinstance(self.init_r, bool) and self.init_r > 0,
-               "init_r", self.init_r, "a positive integer or None")
-        if self.init_r < self.rank:
+        _check(self.init_r is None or (isinstance(self.init_r, int) and not isinstance(self.init_r, bool)
+                                       and self.init_r > 0), "init_r", self.init_r, "a positive integer or None")
+        if self.initial_rank < self.rank:
             raise VariantError(f"invalid option init_r={self.init_r!r}: the initial rank must be >= the "
                                f"target rank target_r (option rank={self.rank}); AdaLoRA only prunes")
         for opt in ("tinit", "tfinal"):
@@ -144,9 +142,14 @@ class AdaLoRAConfig(LowRankConfig):
                self.orth_reg_weight, "a number >= 0")
 
     @property
+    def initial_rank(self) -> int:
+        """init_r, resolved: ceil(1.5 · rank) where it is None."""
+        return math.ceil(1.5 * self.rank) if self.init_r is None else self.init_r
+
+    @property
     def scale(self) -> float:
         """The effective s in h = W0 x + s·PΛQx: alpha / (init_r + 1e-5), fixed for the whole run."""
-        return self.alpha / (self.init_r + 1e-5)
+        return self.alpha / (self.initial_rank + 1e-5)
 
     def schedule(self, total_steps: int) -> tuple[int, int]:
         """(tinit, tfinal) in steps for a run of ``total_steps``; raises unless a budgeting phase is left."""
@@ -252,7 +255,7 @@ class AdaLoRA(LoRA):
 
     def make_layer(self, linear: nn.Linear) -> AdaLoRALinear:
         c = self.cfg
-        return AdaLoRALinear(linear, c.init_r, c.alpha, c.dropout)
+        return AdaLoRALinear(linear, c.initial_rank, c.alpha, c.dropout)
 
     def _adapt(self, model: nn.Module) -> None:
         super()._adapt(model)
@@ -367,7 +370,7 @@ class AdaLoRA(LoRA):
     def peft_config(self, model: nn.Module) -> dict:
         """peft's AdaLoraConfig fields, so that ``PeftModel.from_pretrained`` loads the saved adapter."""
         c = self.cfg
-        heads = head_module_names(model, c.head) if c.train_head else []
+        heads = head_module_names(model, c.heads) if c.trains_head else []
         if self.total_steps is not None:
             total = self.total_steps
             tinit, tfinal = c.schedule(total)
@@ -378,7 +381,7 @@ class AdaLoRA(LoRA):
             pattern = {f"{n}.lora_E": keep for n, keep in self.rank_pattern.items()}
         return {
             "peft_type": "ADALORA", "task_type": None, "base_model_name_or_path": None,
-            "target_r": c.rank, "init_r": c.init_r, "tinit": tinit, "tfinal": tfinal, "deltaT": c.deltaT,
+            "target_r": c.rank, "init_r": c.initial_rank, "tinit": tinit, "tfinal": tfinal, "deltaT": c.deltaT,
             "beta1": c.beta1, "beta2": c.beta2, "orth_reg_weight": c.orth_reg_weight, "total_step": total,
             "rank_pattern": pattern, "lora_alpha": c.alpha, "lora_dropout": c.dropout,
             "target_modules": [n for n, _ in adapter_layers(model, AdaLoRALinear)],

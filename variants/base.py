@@ -12,7 +12,8 @@ needs to know which method it is running:
    (AdaLoRA's orthogonality penalty), ``can_restore()`` says whether the current weights may be restored
    as the final model (``optim.select_best``).
 
-Plus ``summary(model)`` (method state for the run record), ``merge``/``unmerge`` where the method allows
+Plus ``identity()`` (rank, alpha, scaling, targets as resolved: what names the setting in a record),
+``summary(model)`` (method state for the run record), ``merge``/``unmerge`` where the method allows
 it, ``adapter_state``/``save_adapter`` (safetensors) and ``cost`` (parameter counts, weight, trainable and
 optimizer-state bytes).
 
@@ -80,26 +81,50 @@ def create(name: str, **options: Any) -> Variant:
 # ----------------------------------------------------------------------------------------------- configs
 
 
+DEFAULT_HEAD = ("classifier", "score", "lm_head")
+
+
 @dataclass
 class BaseConfig:
-    """Options every variant has: which modules form the task head, and whether it trains."""
+    """Options every variant has: which modules form the task head, and whether it trains.
 
-    head: tuple[str, ...] = ("classifier", "score", "lm_head")  # never wrapped; trainable if train_head
-    train_head: bool = True  # a new head (classification) must train; a tied LM head must not
+    ``None`` means "the task's": the entry point passes the task's head and whether it trains (a new
+    classifier must train, a tied LM head must not); without a task, DEFAULT_HEAD and True.
+    """
+
+    head: tuple[str, ...] | None = None  # never wrapped by an adapter; trainable if train_head
+    train_head: bool | None = None
 
     def validate(self) -> None:
-        self.head = tuple([self.head] if isinstance(self.head, str) else self.head)
+        if isinstance(self.head, str):
+            self.head = (self.head,)
+        _check(self.head is None or all(isinstance(h, str) and h for h in self.head),
+               "head", self.head, "null or a list of module names")
+        _check(self.train_head is None or isinstance(self.train_head, bool), "train_head", self.train_head,
+               "null, true or false")
+
+    @property
+    def heads(self) -> tuple[str, ...]:
+        return DEFAULT_HEAD if self.head is None else tuple(self.head)
+
+    @property
+    def trains_head(self) -> bool:
+        return True if self.train_head is None else self.train_head
 
 
 @dataclass
 class LowRankConfig(BaseConfig):
     """Options shared by the methods that add a low-rank update to targeted Linear layers."""
 
+    # r = 8 on query/value: the LoRA paper's GLUE setting (§7.1, Table 9: alpha 8 for RoBERTa-base, 16 for
+    # large; the authors' base scripts pass 16)
     rank: int = 8
     alpha: float = 16.0
-    dropout: float = 0.0
+    dropout: float = 0.05  # on the adapter's input, as in peft's examples (peft's LoraConfig default: 0)
     scaling: str = "standard"  # "standard": alpha/rank (Hu et al.); "rslora": alpha/sqrt(rank) (Kalajdzievski)
-    targets: Any = ("query", "value")  # suffix list | regex string | "all-linear" | preset name (targets.py)
+    # suffix list | regex string | "all-linear" | preset name (targets.py); None: the task's default targets
+    # (text tasks: qv), and the qv preset without a task
+    targets: Any = None
 
     def validate(self) -> None:
         super().validate()
@@ -108,12 +133,17 @@ class LowRankConfig(BaseConfig):
         _check(_is_number(self.alpha) and self.alpha > 0, "alpha", self.alpha, "a positive number")
         _check(_is_number(self.dropout) and 0 <= self.dropout < 1, "dropout", self.dropout, "in [0, 1)")
         _check(self.scaling in ("standard", "rslora"), "scaling", self.scaling, "'standard' or 'rslora'")
-        _check(bool(self.targets), "targets", self.targets, "a non-empty module spec")
+        _check(self.targets is None or bool(self.targets), "targets", self.targets,
+               "null or a non-empty module spec")
 
     @property
     def scale(self) -> float:
-        """s in h = W0 x + s·BAx: alpha/r (LoRA, eq. 4) or alpha/sqrt(r) (rsLoRA, Thm 3.2)."""
-        return self.alpha / (math.sqrt(self.rank) if self.scaling == "rslora" else self.rank)
+        return lora_scale(self.alpha, self.rank, self.scaling)
+
+
+def lora_scale(alpha: float, rank: int, scaling: str) -> float:
+    """s in h = W0 x + s·BAx: alpha/r (LoRA, eq. 4) or alpha/sqrt(r) (rsLoRA, Thm 3.2)."""
+    return alpha / (math.sqrt(rank) if scaling == "rslora" else rank)
 
 
 def _is_number(x) -> bool:
@@ -143,8 +173,10 @@ class Variant:
             )
         self.cfg = self.Config(**options)
         self.cfg.validate()
+        # resolved state, set by apply(); the options in self.cfg are never changed
         self.base_params: int | None = None  # parameter count of the model before apply()
         self.target_modules: list[str] | None = None  # the modules apply() adapted, where targeted
+        self.rank: int | None = getattr(self.cfg, "rank", None)  # the rank in use (LoRA: from param_budget)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.cfg})"
@@ -155,8 +187,8 @@ class Variant:
         self.base_params = sum(p.numel() for p in model.parameters())
         model.requires_grad_(False)
         self._adapt(model)
-        if self.cfg.train_head:
-            for name in head_module_names(model, self.cfg.head):
+        if self.cfg.trains_head:
+            for name in head_module_names(model, self.cfg.heads):
                 model.get_submodule(name).requires_grad_(True)
         return model
 
@@ -164,7 +196,8 @@ class Variant:
         """Method-specific surgery; the model arrives fully frozen."""
 
     def target_names(self, model: nn.Module) -> list[str]:
-        return resolve_targets(model, self.cfg.targets, head=self.cfg.head)
+        targets = "qv" if self.cfg.targets is None else self.cfg.targets
+        return resolve_targets(model, targets, head=self.cfg.heads)
 
     # -- 2. optimizer ---------------------------------------------------------------------------------
     optimizer_class: ClassVar[type[torch.optim.Optimizer]] = torch.optim.AdamW
@@ -201,6 +234,14 @@ class Variant:
         """Method-specific state for the run record (``variant_state``), JSON-able; None when there is none
         (AdaLoRA: the final rank pattern per module and the budget schedule)."""
         return None
+
+    def identity(self) -> dict:
+        """The fields that name this setting in a run record and a table: rank, alpha, scaling and the
+        targeted modules, resolved (after ``apply``: the rank a ``param_budget`` gave, the module names the
+        targets matched); None where the method has no such option. Its other options are in the record's
+        config, and tables show those that vary."""
+        return {"rank": self.rank, "alpha": getattr(self.cfg, "alpha", None),
+                "scaling": getattr(self.cfg, "scaling", None), "targets": self.target_modules}
 
     # -- merge, save, cost ----------------------------------------------------------------------------
     mergeable: ClassVar[bool] = False

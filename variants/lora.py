@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import LowRankConfig, Variant, VariantError, _check, register
+from .base import LowRankConfig, Variant, VariantError, _check, lora_scale, register
 from .targets import head_module_names
 
 
@@ -142,13 +142,13 @@ class LoRA(Variant):
 
     def make_layer(self, linear: nn.Linear) -> LoRALinear:
         c = self.cfg
-        return self.layer_cls(linear, c.rank, c.scale, c.dropout, c.init)
+        return self.layer_cls(linear, self.rank, lora_scale(c.alpha, self.rank, c.scaling), c.dropout, c.init)
 
     def _adapt(self, model: nn.Module) -> None:
         self.target_modules = self.target_names(model)
         budget = getattr(self.cfg, "param_budget", None)  # AdaLoRA's budget is its rank schedule instead
         if budget is not None:
-            self.cfg.rank = budget_rank(model, self.target_modules, budget)
+            self.rank = budget_rank(model, self.target_modules, budget)
         for layer in wrap_targets(model, self.target_modules, self.make_layer).values():
             for n, p in layer.named_parameters():
                 p.requires_grad_(not n.startswith("base_layer."))
@@ -175,8 +175,8 @@ class LoRA(Variant):
     def head_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """Trained head weights, under the plain names peft stores ``modules_to_save`` with."""
         state = {}
-        if self.cfg.train_head:
-            for head in head_module_names(model, self.cfg.head):
+        if self.cfg.trains_head:
+            for head in head_module_names(model, self.cfg.heads):
                 for pname, p in model.get_submodule(head).named_parameters():
                     if p.requires_grad:
                         state[f"base_model.model.{head}.{pname}"] = p.detach()
@@ -185,10 +185,10 @@ class LoRA(Variant):
     def peft_config(self, model: nn.Module) -> dict:
         """peft's LoraConfig fields, so that ``PeftModel.from_pretrained`` loads the saved adapter."""
         c = self.cfg
-        heads = head_module_names(model, c.head) if c.train_head else []
+        heads = head_module_names(model, c.heads) if c.trains_head else []
         return {
             "peft_type": "LORA", "task_type": None, "base_model_name_or_path": None,
-            "r": c.rank, "lora_alpha": c.alpha, "lora_dropout": c.dropout, "use_rslora": c.scaling == "rslora",
+            "r": self.rank, "lora_alpha": c.alpha, "lora_dropout": c.dropout, "use_rslora": c.scaling == "rslora",
             "target_modules": [n for n, _ in adapter_layers(model, self.layer_cls)],
             "modules_to_save": [h.rpartition(".")[2] for h in heads] or None,
             "init_lora_weights": True if c.init == "kaiming" else "gaussian",

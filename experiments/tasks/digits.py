@@ -29,8 +29,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from experiments.files import atomic_write
-from experiments.tasks import Task, TaskError
-from experiments.trainer import TaskData
+from experiments.tasks import Task, TaskError, register_task
 
 N_CLASSES = 10
 
@@ -112,6 +111,9 @@ def _collate(rows):
     return {"x": torch.stack(x), "y": torch.stack(y)}
 
 
+@register_task("digits", metrics={"accuracy": "max", "weak_acc": "max", "other_acc": "max", "weak_gain": "max",
+                                "forgetting": "min"}, main_metric="accuracy", head=("classifier",),
+               train_head=False, default_targets=["fc1", "fc2"])
 def build(hidden1: int = 256, hidden2: int = 256, pretrain_steps: int = 30, pretrain_lr: float = 1e-3,
           pretrain_batch_size: int = 32, pretrain_seed: int = 0, data_seed: int = 1234, val_frac: float = 0.2,
           test_frac: float = 0.2, weak_class: int | None = None, replay: float = 0.0,
@@ -172,8 +174,5 @@ def build(hidden1: int = 256, hidden2: int = 256, pretrain_steps: int = 30, pret
     with torch.no_grad():
         untouched = {"name": "the pretrained base", **{k: evaluate(base, [_collate(list(d))]) for k, d in
                                                    (("val", val), ("test", test))}}
-    data = TaskData(train=train, val=val, test=test, loss=loss, evaluate=evaluate, main_metric="accuracy",
-                    directions={"accuracy": "max", "weak_acc": "max", "other_acc": "max", "weak_gain": "max",
-                                "forgetting": "min"}, trivial=untouched, collate=_collate, info=info)
-    return Task(name="digits", model_name=f"mlp64-{hidden1}-{hidden2}-10", model=model, data=data,
-                head=("classifier",), train_head=False, default_targets=["fc1", "fc2"], info=info)
+    return Task(model=model, model_name=f"mlp64-{hidden1}-{hidden2}-10", train=train, val=val, test=test,
+                loss=loss, evaluate=evaluate, trivial=untouched, collate=_collate, info=info)

@@ -15,8 +15,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from experiments.tasks import Task, TaskError
-from experiments.trainer import TaskData
+from experiments.tasks import Task, TaskError, register_task
 
 
 class Student(nn.Module):
@@ -35,6 +34,8 @@ def _collate(rows):
     return {"x": torch.stack(x), "y": torch.stack(y)}
 
 
+@register_task("synthetic", metrics={"mse": "min", "fit": "max"}, main_metric="fit", head=(),
+               train_head=False, default_targets=["fc1"], smoke={"n_train": 256, "n_val": 64, "n_test": 64})
 def build(d_in: int = 64, d_out: int = 64, hidden: int = 0, true_rank: int = 4, update_scale: float = 1.0,
           n_train: int = 4096, n_val: int = 512, n_test: int = 512, noise: float = 0.0,
           data_seed: int = 1234) -> Task:
@@ -77,9 +78,7 @@ def build(d_in: int = 64, d_out: int = 64, hidden: int = 0, true_rank: int = 4, 
     with torch.no_grad():
         frozen = {"name": "the frozen base", **{k: evaluate(base, [_collate(list(d))]) for k, d in
                                             (("val", val), ("test", test))}}
-    data = TaskData(train=train, val=val, test=test, loss=loss, evaluate=evaluate, main_metric="fit",
-                    directions={"mse": "min", "fit": "max"}, trivial=frozen, collate=_collate,
-                    info={"true_rank": true_rank, "n_train": n_train})
     model.load_state_dict(base.state_dict())
-    return Task(name="synthetic", model_name=f"linear{d_in}x{d_out}" if not hidden else f"mlp{d_in}-{hidden}-{d_out}",
-                model=model, data=data, head=(), train_head=False, default_targets=["fc1"], info=data.info)
+    return Task(model=model, model_name=f"linear{d_in}x{d_out}" if not hidden else f"mlp{d_in}-{hidden}-{d_out}",
+                train=train, val=val, test=test, loss=loss, evaluate=evaluate, trivial=frozen, collate=_collate,
+                info={"true_rank": true_rank, "n_train": n_train})
