@@ -39,6 +39,18 @@ def tiny_llama(seed: int = 0, dtype=torch.float32):
     return LlamaForCausalLM(cfg).to(dtype).eval()
 
 
+def tiny_gpt2(seed: int = 0, dtype=torch.float32, num_labels: int | None = None):
+    """A 2-layer GPT-2: attention c_attn (fused q, k, v) and c_proj, MLP c_fc and c_proj are transformers
+    ``Conv1D`` (weights stored in x out). A causal LM, or a sequence classifier with ``num_labels``."""
+    from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, resid_pdrop=0.0,
+                     embd_pdrop=0.0, attn_pdrop=0.0, num_labels=num_labels or 2, pad_token_id=0)
+    model = GPT2ForSequenceClassification(cfg) if num_labels else GPT2LMHeadModel(cfg)
+    return model.to(dtype).eval()
+
+
 def token_batch(n: int = 4, seq: int = 8, num_labels: int | None = 3, seed: int = 1):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(1, VOCAB, (n, seq), generator=g)

@@ -40,7 +40,7 @@ class AdaLoRALinear(LoRALinear):
     not change the scale of the ones that are kept (as in peft, whose ``ranknum`` is never updated).
     """
 
-    def __init__(self, base_layer: nn.Linear, rank: int, alpha: float, dropout: float = 0.0):
+    def __init__(self, base_layer: nn.Module, rank: int, alpha: float, dropout: float = 0.0):
         # LoRALinear builds A, B and calls our reset_parameters(), which also creates E
         super().__init__(base_layer, rank, alpha, dropout)
         w = base_layer.weight
@@ -59,8 +59,8 @@ class AdaLoRALinear(LoRALinear):
         h = F.linear(F.linear(self.lora_dropout(x), self.lora_A * self.lora_E), self.lora_B)
         return h * self.scaling / (self.ranknum + 1e-5)
 
-    def delta_weight(self) -> torch.Tensor:
-        """ΔW = P Λ Q · alpha/(ranknum + 1e-5) (eq. 1), shaped like W0."""
+    def delta(self) -> torch.Tensor:
+        """ΔW = P Λ Q · alpha/(ranknum + 1e-5) (eq. 1), (out, in)."""
         return (self.lora_B @ (self.lora_A * self.lora_E)) * self.scaling / (self.ranknum + 1e-5)
 
     def extra_repr(self) -> str:
@@ -253,7 +253,12 @@ class AdaLoRA(LoRA):
         self.budgets: list[tuple[int, int]] = []  # (step, b(t)) at every allocation, the final one included
         self._layer_ranks: dict[str, int] = {}
 
-    def make_layer(self, linear: nn.Linear) -> AdaLoRALinear:
+    embeddings = False
+
+    def make_layer(self, linear: nn.Module) -> AdaLoRALinear:
+        if isinstance(linear, nn.Embedding):
+            raise VariantError("variant 'adalora' cannot adapt an nn.Embedding (LoRA can); leave it out of the "
+                               "targets")
         c = self.cfg
         return AdaLoRALinear(linear, c.initial_rank, c.alpha, c.dropout)
 
@@ -376,6 +381,7 @@ class AdaLoRA(LoRA):
             tinit, tfinal = c.schedule(total)
         else:  # never trained: any valid schedule (it does not affect inference)
             total, tinit, tfinal = 1, 0, 0
+        layers = adapter_layers(model, AdaLoRALinear)
         pattern = None
         if self.rank_pattern is not None:
             pattern = {f"{n}.lora_E": keep for n, keep in self.rank_pattern.items()}
@@ -384,7 +390,8 @@ class AdaLoRA(LoRA):
             "target_r": c.rank, "init_r": c.initial_rank, "tinit": tinit, "tfinal": tfinal, "deltaT": c.deltaT,
             "beta1": c.beta1, "beta2": c.beta2, "orth_reg_weight": c.orth_reg_weight, "total_step": total,
             "rank_pattern": pattern, "lora_alpha": c.alpha, "lora_dropout": c.dropout,
-            "target_modules": [n for n, _ in adapter_layers(model, AdaLoRALinear)],
+            "target_modules": [n for n, _ in layers],
             "modules_to_save": [h.rpartition(".")[2] for h in heads] or None,
-            "init_lora_weights": True, "bias": "none", "fan_in_fan_out": False, "use_dora": False,
+            "init_lora_weights": True, "bias": "none", "use_dora": False,
+            "fan_in_fan_out": bool(layers) and all(m.fan_in_fan_out for _, m in layers),  # Conv1D (GPT-2)
         }

@@ -7,6 +7,7 @@ with merge/unmerge), ``wrap_targets`` (module surgery) and the peft-compatible a
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 import torch
@@ -17,32 +18,133 @@ from .base import LowRankConfig, Variant, VariantError, _check, lora_scale, regi
 from .targets import head_module_names
 
 
-class LoRALinear(nn.Module):
-    """A frozen ``nn.Linear`` plus a trainable rank-r update; the layer names follow peft's."""
+def conv1d_type() -> type | None:
+    """transformers' ``Conv1D`` (GPT-2 family: y = x W + b, W stored in x out), when transformers is there."""
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # variants/ works without transformers
+        return None
+    return Conv1D
 
-    def __init__(self, base_layer: nn.Linear, rank: int, scale: float, dropout: float = 0.0,
+
+def layer_dims(layer: nn.Module) -> tuple[int, int]:
+    """(in, out) of a Linear (bitsandbytes' quantized ones included) or a transformers Conv1D."""
+    conv1d = conv1d_type()
+    if conv1d is not None and isinstance(layer, conv1d):
+        return layer.weight.shape[0], layer.weight.shape[1]
+    return layer.in_features, layer.out_features
+
+
+def quantized_kind(weight: torch.Tensor) -> str | None:
+    """"4bit" / "8bit" for a bitsandbytes parameter (told by its class, without importing bitsandbytes)."""
+    return {"Params4bit": "4bit", "Int8Params": "8bit"}.get(type(weight).__name__)
+
+
+def dense_weight(layer: nn.Module) -> torch.Tensor:
+    """W0 as an (out, in) floating tensor: Conv1D's stored weight transposed (a view), a bitsandbytes
+    weight dequantized (a new tensor, as peft's ``dequantize_module_weight``)."""
+    w = layer.weight
+    kind = quantized_kind(w)
+    if kind == "4bit":
+        import bitsandbytes.functional as bnbf
+
+        return bnbf.dequantize_4bit(w.data, w.quant_state).to(_float_dtype(layer))
+    if kind == "8bit":
+        import bitsandbytes.functional as bnbf
+
+        scb = w.SCB if getattr(w, "SCB", None) is not None else layer.state.SCB
+        return bnbf.int8_vectorwise_dequant(w.data, scb).to(_float_dtype(layer))
+    conv1d = conv1d_type()
+    return w.T if conv1d is not None and isinstance(layer, conv1d) else w
+
+
+def _float_dtype(layer: nn.Module) -> torch.dtype:
+    """The dtype the adapter computes in: the base weight's, or the quantized layer's compute dtype."""
+    w = layer.weight
+    if w.dtype.is_floating_point:
+        return w.dtype
+    return getattr(layer, "compute_dtype", None) or torch.float32
+
+
+INITS = ("kaiming", "gaussian", "olora", "pissa")  # and pissa_niter_<k> (randomised SVD, k iterations)
+
+
+def check_init(init) -> bool:
+    return isinstance(init, str) and (init in INITS or re.fullmatch(r"pissa_niter_[1-9]\d*", init) is not None)
+
+
+class LoRALinear(nn.Module):
+    """A frozen ``nn.Linear`` (or transformers ``Conv1D``, or a bitsandbytes 4/8-bit Linear) plus a
+    trainable rank-r update; the layer names follow peft's. A: r x in, B: out x r, whatever the layout
+    of the base weight (Conv1D stores it transposed: peft's ``fan_in_fan_out``).
+
+    ``init``: ``kaiming`` / ``gaussian`` (B = 0: the model starts at W0), or ``olora`` / ``pissa`` /
+    ``pissa_niter_<k>``, which start A and B from W0's QR or top-r SVD and leave the residual
+    W0 − s·B0 A0 as the frozen weight (peft's ``init_lora_weights``); B0 and A0 are kept (buffers, not
+    saved) so that the saved adapter can be the standard LoRA update relative to the original W0.
+    """
+
+    def __init__(self, base_layer: nn.Module, rank: int, scale: float, dropout: float = 0.0,
                  init: str = "kaiming"):
         super().__init__()
         self.base_layer = base_layer
         self.rank, self.scaling = rank, scale
+        conv1d = conv1d_type()
+        self.fan_in_fan_out = conv1d is not None and isinstance(base_layer, conv1d)
+        self.quantized = quantized_kind(base_layer.weight)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        w = base_layer.weight
-        self.lora_A = nn.Parameter(torch.empty(rank, base_layer.in_features, dtype=w.dtype, device=w.device))
-        self.lora_B = nn.Parameter(torch.zeros(base_layer.out_features, rank, dtype=w.dtype, device=w.device))
+        n_in, n_out = layer_dims(base_layer)
+        dtype, device = _float_dtype(base_layer), base_layer.weight.device
+        self.lora_A = nn.Parameter(torch.empty(rank, n_in, dtype=dtype, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(n_out, rank, dtype=dtype, device=device))
+        self.register_buffer("lora_A0", None, persistent=False)  # olora / pissa: the initial A and B
+        self.register_buffer("lora_B0", None, persistent=False)
         self.merged = False
         self.reset_parameters(init)
 
     def reset_parameters(self, init: str = "kaiming") -> None:
-        # A as nn.Linear's default init (peft / microsoft/LoRA), B = 0 so the model starts at W0 (LoRA §4.1)
-        if init == "kaiming":
+        if init == "kaiming":  # A as nn.Linear's default init (peft / microsoft/LoRA), B = 0 (LoRA §4.1)
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            nn.init.zeros_(self.lora_B)
         elif init == "gaussian":
             nn.init.normal_(self.lora_A, std=1 / self.rank)
+            nn.init.zeros_(self.lora_B)
+        elif init in ("olora", "pissa") or check_init(init):
+            self.principal_init(init)
         else:
-            raise VariantError(f"invalid option init={init!r}: expected 'kaiming' or 'gaussian'")
-        nn.init.zeros_(self.lora_B)
+            raise VariantError(f"invalid option init={init!r}: expected {', '.join(INITS)} or pissa_niter_<k>")
 
-    # the wrapped layer still looks like a Linear to code that inspects it
+    @torch.no_grad()
+    def principal_init(self, init: str) -> None:
+        """OLoRA (Büyükakyüz 2024): W0 = QR, B = Q[:, :r], A = R[:r]. PiSSA (Meng et al. 2024, eq. 2-3):
+        W0 = U S Vᵀ, A = diag(√(S_r/s)) V_rᵀ, B = U_r diag(√(S_r/s)) (randomised SVD for pissa_niter_k).
+        Both: the frozen weight becomes the residual W0 − s·BA, so the model still starts at W0. In float32,
+        as peft, then cast back."""
+        if self.quantized:
+            raise VariantError(f"invalid option init={init!r}: OLoRA/PiSSA need a float base weight "
+                               f"(this one is {self.quantized}); use init=kaiming on a quantized base")
+        w = self.base_layer.weight
+        W = dense_weight(self.base_layer).to(torch.float32)  # (out, in)
+        r, s = self.rank, self.scaling
+        if init == "olora":
+            Q, R = torch.linalg.qr(W)
+            B, A = Q[:, :r], R[:r]
+        else:
+            if init == "pissa":
+                U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+                U, S, Vh = U[:, :r], S[:r], Vh[:r]
+            else:
+                U, S, V = torch.svd_lowrank(W, q=r, niter=int(init.rsplit("_", 1)[1]))
+                Vh = V.T
+            root = torch.sqrt(S / s)
+            A, B = root[:, None] * Vh, U * root[None, :]
+        residual = W - s * B @ A
+        w.copy_((residual.T if self.fan_in_fan_out else residual).to(w.dtype))
+        self.lora_A.copy_(A)
+        self.lora_B.copy_(B)
+        self.lora_A0, self.lora_B0 = A.to(self.lora_A.dtype).clone(), B.to(self.lora_B.dtype).clone()
+
+    # the wrapped layer still looks like its base to code that inspects it
     @property
     def weight(self) -> torch.Tensor:
         return self.base_layer.weight
@@ -53,15 +155,16 @@ class LoRALinear(nn.Module):
 
     @property
     def in_features(self) -> int:
-        return self.base_layer.in_features
+        return self.lora_A.shape[1]
 
     @property
     def out_features(self) -> int:
-        return self.base_layer.out_features
+        return self.lora_B.shape[0]
 
     def lora_out(self, x: torch.Tensor) -> torch.Tensor:
         """s·B A dropout(x) — the low-rank branch (LoRA eq. 3)."""
-        return F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B) * self.scaling
+        x = self.lora_dropout(x).to(self.lora_A.dtype)
+        return F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scaling
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
@@ -69,9 +172,72 @@ class LoRALinear(nn.Module):
             return out
         return out + self.lora_out(x).to(out.dtype)
 
-    def delta_weight(self) -> torch.Tensor:
-        """ΔW = s·B A, shaped like W0."""
+    def delta(self) -> torch.Tensor:
+        """ΔW = s·B A, (out, in)."""
         return (self.lora_B @ self.lora_A) * self.scaling
+
+    def delta_weight(self) -> torch.Tensor:
+        """ΔW in the layout of the stored base weight (transposed for Conv1D)."""
+        d = self.delta()
+        return d.T if self.fan_in_fan_out else d
+
+    def _check_mergeable(self) -> None:
+        if self.quantized:
+            raise VariantError(f"cannot merge into a {self.quantized} quantized base weight "
+                               "(dequantize the model first)")
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        self._check_mergeable()
+        if not self.merged:
+            self.base_layer.weight += self.delta_weight().to(self.base_layer.weight.dtype)
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged:
+            self.base_layer.weight -= self.delta_weight().to(self.base_layer.weight.dtype)
+            self.merged = False
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, scaling={self.scaling:g}, merged={self.merged}"
+
+
+class LoRAEmbedding(nn.Module):
+    """A frozen ``nn.Embedding`` plus a rank-r update of its table, in peft's layout:
+    ``lora_embedding_A`` (r x num_embeddings) = 0 and ``lora_embedding_B`` (dim x r) ~ N(0, 1) at init
+    (peft's order: A, not B, starts at zero), out = E[x] + s·(A.T[x]) Bᵀ, no dropout (as peft)."""
+
+    def __init__(self, base_layer: nn.Embedding, rank: int, scale: float):
+        super().__init__()
+        self.base_layer = base_layer
+        self.rank, self.scaling = rank, scale
+        w = base_layer.weight
+        self.lora_embedding_A = nn.Parameter(torch.zeros(rank, base_layer.num_embeddings, dtype=w.dtype,
+                                                         device=w.device))
+        self.lora_embedding_B = nn.Parameter(torch.empty(base_layer.embedding_dim, rank, dtype=w.dtype,
+                                                         device=w.device))
+        nn.init.normal_(self.lora_embedding_B)
+        self.merged = False
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_layer(x)
+        if self.merged:
+            return out
+        b = self.base_layer
+        after_a = F.embedding(x, self.lora_embedding_A.T, padding_idx=b.padding_idx, max_norm=b.max_norm,
+                              norm_type=b.norm_type, scale_grad_by_freq=b.scale_grad_by_freq, sparse=b.sparse)
+        delta = (after_a @ self.lora_embedding_B.T) * self.scaling
+        scale = getattr(b, "embed_scale", None)  # Gemma-style scaled embeddings scale the update too
+        return out + (delta if scale is None else delta * scale).to(out.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """ΔE = s·(B A)ᵀ, shaped like the table (num_embeddings x dim)."""
+        return (self.lora_embedding_B @ self.lora_embedding_A).T * self.scaling
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -90,7 +256,7 @@ class LoRALinear(nn.Module):
 
 
 def wrap_targets(model: nn.Module, names: list[str], make) -> dict[str, nn.Module]:
-    """Replace each named ``nn.Linear`` by ``make(linear)``; returns {name: new module}."""
+    """Replace each named module (a Linear, Conv1D or Embedding) by ``make(module)``; {name: new module}."""
     wrapped = {}
     for name in names:
         parent_name, _, child = name.rpartition(".")
@@ -101,13 +267,15 @@ def wrap_targets(model: nn.Module, names: list[str], make) -> dict[str, nn.Modul
     return wrapped
 
 
-def adapter_layers(model: nn.Module, cls: type[nn.Module] = LoRALinear):
+def adapter_layers(model: nn.Module, cls: type[nn.Module] | tuple[type[nn.Module], ...] = LoRALinear):
     return [(n, m) for n, m in model.named_modules() if isinstance(m, cls)]
 
 
 @dataclass
 class LoRAConfig(LowRankConfig):
-    init: str = "kaiming"  # A's init; B is always 0
+    # kaiming (peft's default: A as nn.Linear's init, B = 0) | gaussian (A ~ N(0, 1/r²), B = 0) | olora |
+    # pissa | pissa_niter_<k>: A, B from W0's QR / top-r SVD, the frozen weight becomes the residual
+    init: str = "kaiming"
     # A fixed number of A and B parameters instead of a fixed rank: apply() sets rank to the largest r with
     # r * sum(d_in + d_out) <= param_budget over the targeted matrices (LoRA paper, Table 5: one budget,
     # r=8 on one matrix type, 4 on two, 2 on four). DoRA's magnitude vectors come on top.
@@ -115,8 +283,7 @@ class LoRAConfig(LowRankConfig):
 
     def validate(self) -> None:
         super().validate()
-        if self.init not in ("kaiming", "gaussian"):
-            raise VariantError(f"invalid option init={self.init!r}: expected 'kaiming' or 'gaussian'")
+        _check(check_init(self.init), "init", self.init, f"{', '.join(INITS)} or pissa_niter_<k>")
         b = self.param_budget
         _check(b is None or (isinstance(b, int) and not isinstance(b, bool) and b > 0), "param_budget", b,
                "a positive integer or null")
@@ -124,25 +291,48 @@ class LoRAConfig(LowRankConfig):
 
 def budget_rank(model: nn.Module, names: list[str], budget: int) -> int:
     """The largest rank whose A and B matrices on ``names`` hold at most ``budget`` parameters."""
-    per_rank = sum(model.get_submodule(n).in_features + model.get_submodule(n).out_features for n in names)
+    per_rank = sum(sum(_dims(model.get_submodule(n))) for n in names)
     if budget < per_rank:
         raise VariantError(f"invalid option param_budget={budget}: rank 1 on these {len(names)} targets "
                            f"already takes {per_rank:,} parameters")
     return budget // per_rank
 
 
+def _dims(layer: nn.Module) -> tuple[int, int]:
+    """(in, out) of a targetable layer; an Embedding's are (num_embeddings, embedding_dim), as peft's."""
+    return (layer.num_embeddings, layer.embedding_dim) if isinstance(layer, nn.Embedding) else layer_dims(layer)
+
+
 @register("lora")
 class LoRA(Variant):
-    """Options: rank, alpha, dropout, scaling (standard | rslora), targets, init (kaiming | gaussian)."""
+    """Options: rank, alpha, dropout, scaling (standard | rslora), targets, init, param_budget.
+
+    Targets may be ``nn.Linear``, transformers ``Conv1D`` (GPT-2) and bitsandbytes' quantized Linear layers
+    (QLoRA: the base stays 4/8-bit, the adapter is float), and — for LoRA itself — ``nn.Embedding``.
+    """
 
     Config = LoRAConfig
     layer_cls: type[LoRALinear] = LoRALinear
     use_dora = False
     mergeable = True
+    embeddings = True  # nn.Embedding targets (peft's lora_embedding_A/B); DoRA, LoRA+, AdaLoRA: not here
 
-    def make_layer(self, linear: nn.Linear) -> LoRALinear:
+    def make_layer(self, layer: nn.Module) -> nn.Module:
         c = self.cfg
-        return self.layer_cls(linear, self.rank, lora_scale(c.alpha, self.rank, c.scaling), c.dropout, c.init)
+        scale = lora_scale(c.alpha, self.rank, c.scaling)
+        if isinstance(layer, nn.Embedding):
+            if not self.embeddings:
+                raise VariantError(f"variant {self.name!r} cannot adapt an nn.Embedding (LoRA can); "
+                                   "leave the embedding out of the targets")
+            if c.init not in ("kaiming", "gaussian"):
+                raise VariantError(f"invalid option init={c.init!r}: OLoRA/PiSSA apply to Linear layers, "
+                                   "not to the nn.Embedding among the targets")
+            return LoRAEmbedding(layer, self.rank, scale)
+        return self.layer_cls(layer, self.rank, scale, c.dropout, c.init)
+
+    def layers(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
+        """The adapted modules, by name."""
+        return adapter_layers(model, (self.layer_cls, LoRAEmbedding))
 
     def _adapt(self, model: nn.Module) -> None:
         self.target_modules = self.target_names(model)
@@ -154,22 +344,38 @@ class LoRA(Variant):
                 p.requires_grad_(not n.startswith("base_layer."))
 
     def merge(self, model: nn.Module) -> nn.Module:
-        for _, layer in adapter_layers(model, self.layer_cls):
+        for _, layer in self.layers(model):
             layer.merge()
         return model
 
     def unmerge(self, model: nn.Module) -> nn.Module:
-        for _, layer in adapter_layers(model, self.layer_cls):
+        for _, layer in self.layers(model):
             layer.unmerge()
         return model
 
     # -- peft layout: adapter_model.safetensors + adapter_config.json that PeftModel.from_pretrained loads
+    @property
+    def principal(self) -> bool:
+        """OLoRA / PiSSA: the frozen weights hold the residual, so the saved adapter is converted."""
+        return self.cfg.init not in ("kaiming", "gaussian")
+
     def adapter_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """peft's keys. After OLoRA/PiSSA the adapter is saved as the standard LoRA update of the original
+        W0, as peft's ``save_pretrained(path_initial_model_for_weight_conversion=...)``: ΔW = BA − B0A0 =
+        [B | −B0][A ; A0], rank 2r (``peft_config`` doubles r and alpha to keep s)."""
         state = {}
-        for name, layer in adapter_layers(model, self.layer_cls):
+        for name, layer in self.layers(model):
             for pname, p in layer.named_parameters(recurse=False):
-                suffix = pname if pname == "lora_magnitude_vector" else f"{pname}.weight"
-                state[f"base_model.model.{name}.{suffix}"] = p.detach()
+                if pname in ("lora_magnitude_vector", "lora_embedding_A", "lora_embedding_B"):
+                    key = pname
+                else:
+                    key = f"{pname}.weight"
+                value = p.detach()
+                if self.principal and pname == "lora_A":
+                    value = torch.cat([value, layer.lora_A0])
+                elif self.principal and pname == "lora_B":
+                    value = torch.cat([value, -layer.lora_B0], dim=1)
+                state[f"base_model.model.{name}.{key}"] = value
         return {**state, **self.head_state(model)}
 
     def head_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
@@ -186,12 +392,18 @@ class LoRA(Variant):
         """peft's LoraConfig fields, so that ``PeftModel.from_pretrained`` loads the saved adapter."""
         c = self.cfg
         heads = head_module_names(model, c.heads) if c.trains_head else []
+        layers = self.layers(model)
+        r, alpha = self.rank, c.alpha
+        if self.principal:  # the converted rank-2r adapter, same s (peft: alpha x 2, or x √2 for rsLoRA)
+            r, alpha = 2 * r, alpha * (2**0.5 if c.scaling == "rslora" else 2)
         return {
             "peft_type": "LORA", "task_type": None, "base_model_name_or_path": None,
-            "r": self.rank, "lora_alpha": c.alpha, "lora_dropout": c.dropout, "use_rslora": c.scaling == "rslora",
-            "target_modules": [n for n, _ in adapter_layers(model, self.layer_cls)],
+            "r": r, "lora_alpha": alpha, "lora_dropout": c.dropout, "use_rslora": c.scaling == "rslora",
+            "target_modules": [n for n, _ in layers],
             "modules_to_save": [h.rpartition(".")[2] for h in heads] or None,
-            "init_lora_weights": True if c.init == "kaiming" else "gaussian",
-            "use_dora": self.use_dora, "bias": "none", "fan_in_fan_out": False,
+            "init_lora_weights": "gaussian" if c.init == "gaussian" else True,
+            "use_dora": self.use_dora, "bias": "none",
+            # Conv1D stores W transposed; peft also flips this per module when it sees a Conv1D
+            "fan_in_fan_out": bool(layers) and all(getattr(m, "fan_in_fan_out", False) for _, m in layers),
         }
 

@@ -28,6 +28,7 @@ class LoRAPlusConfig(LoRAConfig):
 @register("lora_plus")
 class LoRAPlus(LoRA):
     Config = LoRAPlusConfig
+    embeddings = False  # peft gives embedding adapters their own lr (loraplus_lr_embedding); not here
 
     def param_groups(self, model: nn.Module, lr: float, weight_decay: float = 0.0) -> list[dict]:
         norm_params = {id(p) for m in model.modules() if isinstance(m, nn.LayerNorm) for p in m.parameters()}
