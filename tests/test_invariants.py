@@ -52,6 +52,17 @@ def expected_trainable(name: str, v, base: nn.Module) -> int:
     if name == "adalora":
         r = v.cfg.initial_rank
         return head + sum(r * (i + o) + r for i, o in shapes)  # P, Q and Λ at the initial rank
+    # peft's methods (variants/peft_method.py): the head trains as peft's modules_to_save copy, same size
+    if name in ("peft", "peft_lora"):  # variant=peft runs peft's LoRA by default
+        return head + sum(RANK * (i + o) for i, o in shapes)
+    if name == "peft_dora":
+        return head + sum(RANK * (i + o) + o for i, o in shapes)  # + magnitude m (out)
+    if name == "peft_lora_fa":
+        return head + sum(RANK * o for i, o in shapes)  # B only: A stays frozen at its init (LoRA-FA)
+    if name == "peft_vera":
+        return head + sum(o + RANK for i, o in shapes)  # λ_b (out), λ_d (r); the shared A, B are frozen buffers
+    if name == "peft_miss":
+        return head + sum(RANK * o for i, o in shapes)  # one r x out shard per layer, shared by the d_in/r blocks
     raise AssertionError(f"no expectation written for variant {name}")
 
 

@@ -191,7 +191,8 @@ def test_building_a_task_does_not_reseed_the_global_rng(task, tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["variant=nope"], "unknown variant 'nope' (available: adalora, dora, full, galore, head, lora, lora_plus)"),
+    (["variant=nope"], "unknown variant 'nope' (available: adalora, dora, full, galore, head, lora, lora_plus, peft, "
+                       "peft_dora, peft_lora, peft_lora_fa, peft_miss, peft_vera)"),
     (["-m", "variant=lora,nope"], "unknown variant 'nope'"),
     (["experiment=nope"], "unknown experiment 'nope'"),
     (["task.nope=1"], "Could not override 'task.nope': no such option (docs/configuration.md lists them)"),

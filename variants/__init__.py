@@ -1,6 +1,6 @@
 """lorabench's fine-tuning methods behind one interface (see ``variants.base``)."""
 
-from . import adalora, baselines, dora, galore, lora, lora_plus  # noqa: F401  (importing registers)
+from . import adalora, baselines, dora, galore, lora, lora_plus, peft_method  # noqa: F401  (importing registers)
 from .base import Variant, VariantError, available, create, get, optimizer_state_bytes, register
 from .targets import PRESETS, TargetError, resolve_targets
 
