@@ -22,7 +22,8 @@ IDENTITY_KEYS = {"task": "task.name", "variant": "variant.name", "rank": "varian
                  "scaling": "variant.scaling", "targets": "variant.targets", "lr": "optim.lr", "seed": "seed"}
 # where things go, how they are shown, how fast they run: none of it changes a run's result
 NON_SEMANTIC = ("results_dir", "cache_dir", "assets_dir", "logger", "force", "save_adapter", "progress", "hydra",
-                "threads_per_job", "task.cache_dir", "task.assets_dir")
+                "threads_per_job", "task.cache_dir", "task.assets_dir",
+                "model.gradient_checkpointing")  # recomputes activations: same result, less memory
 
 
 def semantic_config(cfg: dict, drop: tuple[str, ...] = NON_SEMANTIC) -> dict:
@@ -36,8 +37,15 @@ def semantic_config(cfg: dict, drop: tuple[str, ...] = NON_SEMANTIC) -> dict:
     return out
 
 
+# nodes left out of the hash while they hold these (default) values, so that the ids of runs made before
+# the node existed stay the same: the top-level model node (an unquantized base) came in after 445b5a6
+OMITTED_AT_DEFAULT = {"model": {"quantize": "none"}}
+
+
 def run_id(cfg: dict) -> str:
-    blob = json.dumps(semantic_config(cfg), sort_keys=True, default=str)
+    semantic = semantic_config(cfg)
+    semantic = {k: v for k, v in semantic.items() if OMITTED_AT_DEFAULT.get(k, object()) != v}
+    blob = json.dumps(semantic, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

@@ -7,6 +7,8 @@ exists, build task -> model -> variant, train with the shared trainer, write the
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import re
 import sys
 import time
@@ -19,6 +21,7 @@ from torch import nn
 
 import variants
 from experiments import records, schema, tasks  # noqa: F401  (schema: the structured configs, on import)
+from experiments.hub import Loading, ModelOptions
 from experiments.trainer import OptimConfig, fit, pick_device, reseed, seed_everything
 
 
@@ -64,10 +67,39 @@ def _task_options(cfg: dict) -> dict:
     return {k: v for k, v in cfg["task"].items() if k != "name"}
 
 
+def _model_options(cfg: dict) -> ModelOptions:
+    """The top-level ``model`` node (how a task loads its pretrained base), checked."""
+    node = dict(cfg.get("model") or {})
+    known = set(ModelOptions.__dataclass_fields__)
+    unknown = sorted(set(node) - known)
+    if unknown:
+        raise ConfigError(f"unknown option model.{unknown[0]} (options: {', '.join(sorted(known))})")
+    options = ModelOptions(**node)
+    options.validate()
+    return options
+
+
+def _filled_by_entry_point(spec: tasks.TaskSpec) -> set[str]:
+    """The builder's keyword-only parameters: not task options; ``build`` passes them (``loading``)."""
+    return {n for n, p in inspect.signature(spec.build).parameters.items() if p.kind is p.KEYWORD_ONLY}
+
+
 def check(cfg: dict) -> tuple[tasks.TaskSpec, variants.Variant]:
     """Everything that can be checked without building the model: the task and its option names, the
-    variant (created here, once) and the optimisation options."""
+    ``model`` node (a task that loads no pretrained transformers model cannot quantize one), the variant
+    (created here, once) and the optimisation options."""
     spec = tasks.check_options(cfg["task"].get("name"), _task_options(cfg))
+    reserved = sorted(_filled_by_entry_point(spec) & set(_task_options(cfg)))
+    if reserved:
+        raise ConfigError(f"unknown option task.{reserved[0]} for task {spec.name!r} (options: "
+                          f"{', '.join(o for o in spec.options if o not in _filled_by_entry_point(spec))})")
+    options = _model_options(cfg)
+    if not options.default and "loading" not in _filled_by_entry_point(spec):
+        bad = "quantize" if options.quantize != "none" else "gradient_checkpointing"
+        value = options.quantize if bad == "quantize" else "true"
+        able = ", ".join(n for n in tasks.available() if "loading" in _filled_by_entry_point(tasks.get(n)))
+        raise ConfigError(f"invalid option model.{bad}={value}: task {spec.name!r} does not load a pretrained "
+                          f"transformers model (the tasks that do: {able})")
     variant = _variant(cfg, spec)
     _optim(cfg)
     return spec, variant
@@ -82,7 +114,11 @@ def build(cfg: dict, variant: variants.Variant | None = None) -> tuple[tasks.Tas
     seed = cfg["seed"]
     seed_everything(seed)  # python and numpy; torch's generators are pointed at one stream per use below
     reseed(seed, "model")
-    task = tasks.build(cfg["task"]["name"], **_task_options(cfg))
+    options = _task_options(cfg)
+    if "loading" in _filled_by_entry_point(tasks.get(cfg["task"]["name"])):  # a pretrained transformers model
+        device = str(pick_device(cfg.get("device", "auto")))
+        options["loading"] = Loading(**dataclasses.asdict(_model_options(cfg)), device=device)
+    task = tasks.build(cfg["task"]["name"], **options)
     reseed(seed, "adapter")
     return task, variant, variant.apply(task.model)
 

@@ -218,3 +218,37 @@ def test_conv1d_adalora_adapter_loads_in_peft(tmp_path):
     v.save_adapter(ours, tmp_path)
     loaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
     torch.testing.assert_close(output_of(loaded, batch), out, **TOL)
+
+
+# --- the command line: a tiny GPT-2 saved by the test, on a local JSONL data set ------------------------
+
+def test_gpt2_trains_end_to_end_from_the_cli_with_lora_dora_and_galore(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from test_custom_data import word_tokenizer, write_documents
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    docs = write_documents(tmp_path / "docs.jsonl")
+    tok = word_tokenizer([json.loads(line)["body"] for line in docs.read_text().splitlines()])
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                               bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
+                               pad_token_id=tok.pad_token_id)).save_pretrained(tmp_path / "tiny-gpt2")
+    tok.save_pretrained(tmp_path / "tiny-gpt2")
+    env = {**os.environ, "WANDB_MODE": "disabled", "LORABENCH_NO_PROGRESS": "1", "HF_HUB_OFFLINE": "1",
+           "HF_DATASETS_OFFLINE": "1", "LORABENCH_CACHE": str(tmp_path / "cache")}
+    out = subprocess.run([sys.executable, "-m", "experiments.train", "-m", "task=lm_file", f"task.data={docs}",
+                          "task.text_column=body", f"task.model={tmp_path / 'tiny-gpt2'}", "task.seq_len=16",
+                          "variant=lora,dora,galore", "variant.targets=all-linear", "optim.max_steps=3",
+                          "optim.batch_size=4", "logger=none", f"results_dir={tmp_path / 'results'}"],
+                         capture_output=True, text=True, env=env, cwd=Path(__file__).resolve().parents[1], timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    runs = [json.loads(p.read_text()) for p in (tmp_path / "results" / "runs").glob("*.json")]
+    assert sorted(r["variant"] for r in runs) == ["dora", "galore", "lora"]
+    for r in runs:
+        assert r["status"] == "ok" and r["model"] == "tiny-gpt2", r.get("error")
+        assert len(r["targets"]) == 8 and any(t.endswith("attn.c_attn") for t in r["targets"])  # the Conv1Ds

@@ -153,3 +153,20 @@ def test_a_quantized_base_is_counted_by_its_storage(llama_dir):
     quantized = v4.cost(v4.apply(_nf4(llama_dir)))
     assert quantized["trainable_params"] == full["trainable_params"]
     assert quantized["weight_bytes"] < 0.7 * full["weight_bytes"]  # linear weights at 4 bits, embeddings float
+
+
+def test_parameter_counts_unpack_4bit_weights(llama_dir):
+    from transformers import AutoModelForCausalLM
+
+    full = variants.create("lora", rank=4, targets=["q_proj"], train_head=False)
+    quantized = variants.create("lora", rank=4, targets=["q_proj"], train_head=False)
+    a = full.cost(full.apply(AutoModelForCausalLM.from_pretrained(llama_dir)))
+    b = quantized.cost(quantized.apply(_nf4(llama_dir)))
+    assert (b["base_params"], b["total_params"]) == (a["base_params"], a["total_params"])
+    assert b["trainable_pct"] == pytest.approx(a["trainable_pct"])
+
+
+@pytest.mark.parametrize("name", ["full", "galore"])
+def test_full_parameter_methods_refuse_a_quantized_base_in_one_line(name, llama_dir):
+    with pytest.raises(variants.VariantError, match=f"variant '{name}' trains every weight, and .* is quantized"):
+        variants.create(name, train_head=False).apply(_nf4(llama_dir))

@@ -184,7 +184,7 @@ class Variant:
     # -- 1. model surgery ------------------------------------------------------------------------------
     def apply(self, model: nn.Module) -> nn.Module:
         """Freeze the model, adapt it, and unfreeze the head when ``train_head``. Returns the model."""
-        self.base_params = sum(p.numel() for p in model.parameters())
+        self.base_params = count_params(model)
         model.requires_grad_(False)
         self._adapt(model)
         if self.cfg.trains_head:
@@ -280,7 +280,7 @@ class Variant:
 
     def cost(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict:
         """Parameter counts (``trainable_pct`` is relative to the base model) and optimizer-state bytes."""
-        total = sum(p.numel() for p in model.parameters())
+        total = count_params(model)
         n_trainable = sum(p.numel() for _, p in trainable(model))
         base = self.base_params or total
         return {
@@ -294,6 +294,24 @@ class Variant:
             "optimizer_state_bytes": optimizer_state_bytes(optimizer) if optimizer is not None else None,
             "adapter_bytes": sum(t.numel() * t.element_size() for t in self.adapter_state(model).values()),
         }
+
+
+def numel(p: torch.Tensor) -> int:
+    """Weights in ``p``: a bitsandbytes 4-bit parameter packs two per byte, its quant_state has the shape."""
+    state = getattr(p, "quant_state", None)
+    return math.prod(state.shape) if state is not None and getattr(state, "shape", None) else p.numel()
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(numel(p) for p in model.parameters())
+
+
+def reject_quantized(model: nn.Module, name: str) -> None:
+    """Full-parameter methods train every weight: a bitsandbytes-quantized base cannot be one of them."""
+    for n, p in model.named_parameters():
+        if type(p).__name__ in ("Params4bit", "Int8Params"):
+            raise VariantError(f"variant {name!r} trains every weight, and {n} is quantized "
+                               "(model.quantize); use model.quantize=none, or an adapter method")
 
 
 def trainable(model: nn.Module) -> Iterable[tuple[str, nn.Parameter]]:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .base import BaseConfig, Variant, VariantError, register
+from .base import BaseConfig, Variant, VariantError, count_params, register, reject_quantized
 from .targets import head_module_names
 
 
@@ -15,7 +15,8 @@ class Full(Variant):
     """Every parameter trainable (AdamW); the upper reference for quality and the cost ceiling."""
 
     def apply(self, model: nn.Module) -> nn.Module:
-        self.base_params = sum(p.numel() for p in model.parameters())
+        reject_quantized(model, self.name)
+        self.base_params = count_params(model)
         return model.requires_grad_(True)
 
 

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .base import BaseConfig, Variant, VariantError, _check, _is_number, register, trainable
+from .base import BaseConfig, Variant, VariantError, _check, _is_number, register, reject_quantized, trainable
 
 PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
 _GALORE_KEYS = {"rank": 8, "update_proj_gap": 200, "scale": 0.25, "proj_type": "std"}
@@ -212,6 +212,7 @@ class GaLore(Variant):
     Config = GaLoreConfig
 
     def apply(self, model: nn.Module) -> nn.Module:
+        reject_quantized(model, self.name)
         self.base_params = sum(p.numel() for p in model.parameters())
         self.target_modules = list(self._targeted_weights(model))  # Linear modules whose weight is projected
         return model.requires_grad_(True)

@@ -141,4 +141,4 @@ class Task:
         return self.directions[self.main_metric] == "max"
 
 
-from . import causal_lm, digits, synthetic, text_classification  # noqa: E402,F401  (importing registers)
+from . import causal_lm, custom, digits, synthetic, text_classification  # noqa: E402,F401  (importing registers)

@@ -15,6 +15,10 @@ Configs (one module, options chosen by YAML):
 - ``task=lm_gsm8k`` (needs the Hugging Face Hub, meant for GPUs): a hub model by name on GSM8K
   (``dataset: gsm8k``, question + worked answer as plain text). Offline it fails with one line.
 
+``model`` may also be a local directory saved with ``save_pretrained`` (loaded with no hub access); a
+quantized base comes from the top-level ``model`` node (``loading``). ``lm_task`` is the part ``lm_file``
+(``custom.py``, your own text) shares.
+
 Text becomes blocks: each pool of documents is tokenised, documents are joined with the tokenizer's EOS
 token into one stream, and the stream is cut into consecutive, non-overlapping blocks of ``seq_len``
 tokens (the remainder is dropped). Every block is full, so no padding and no masking is needed; ``labels``
@@ -38,7 +42,16 @@ from torch.utils.data import TensorDataset
 
 from experiments import assets
 from experiments.files import atomic_write
-from experiments.hub import Hub, quiet, tokenizer_fingerprint
+from experiments.hub import (
+    Hub,
+    Loading,
+    local_dir,
+    local_or_hub,
+    looks_like_path,
+    model_fingerprint,
+    quiet,
+    tokenizer_fingerprint,
+)
 from experiments.tasks import Task, TaskError, register_task
 from experiments.trainer import pick_device, to_device
 
@@ -92,36 +105,49 @@ def forget_pool(forget_dataset: str) -> list[str]:
 
 # --- model and tokenizer ---------------------------------------------------------------------------
 
+def _local_or_hub(model: str, assets_dir: str, hub: Hub | None, load):
+    return local_or_hub(model, hub, load, (SMOLLM2, lambda: assets.smollm2_path(assets_dir)), TaskError)
+
+
+def model_hub_names(model: str) -> list[str]:
+    """What ``model`` needs from the hub: nothing for ``smollm2`` or a local directory."""
+    return [] if model == SMOLLM2 or local_dir(model) is not None or looks_like_path(model) else [f"model {model}"]
+
+
 def load_tokenizer(model: str, assets_dir: str, hub: Hub | None = None):
     from transformers import AutoTokenizer
 
-    if model == SMOLLM2:
-        return AutoTokenizer.from_pretrained(assets.smollm2_path(assets_dir))
-    return hub.load(lambda: AutoTokenizer.from_pretrained(model, local_files_only=hub.local_only))
+    tok = _local_or_hub(model, assets_dir, hub,
+                        lambda path, local: AutoTokenizer.from_pretrained(path, local_files_only=local))
+    if tok.eos_token_id is None:  # documents are joined with EOS
+        raise TaskError(f"invalid option task.model={model!r}: its tokenizer has no EOS token")
+    return tok
 
 
-def load_model(model: str, assets_dir: str, hub: Hub | None = None) -> nn.Module:
+def load_model(model: str, assets_dir: str, hub: Hub | None = None, *, loading: Loading | None = None) -> nn.Module:
+    """``AutoModelForCausalLM`` in float32; ``loading``: quantized (``lm_head`` kept as it is) and/or with
+    gradient checkpointing."""
     from transformers import AutoModelForCausalLM
+
+    loading = loading or Loading()
+    kw = loading.from_pretrained_kwargs(("lm_head",))
+
+    def load(path, local):
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=local, **kw)
 
     # fork_rng: building the task must not move the run's RNG streams, whatever the loader initialises
     with torch.random.fork_rng(devices=[]), quiet():
-        if model == SMOLLM2:
-            m = AutoModelForCausalLM.from_pretrained(assets.smollm2_path(assets_dir), dtype=torch.float32)
-        else:
-            m = hub.load(lambda: AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32,
-                                                                      local_files_only=hub.local_only))
+        m = _local_or_hub(model, assets_dir, hub, load)
     m.config.use_cache = False  # nothing here generates; a KV cache would only cost memory in training
-    return m.eval()
+    return loading.prepare(m).eval()
 
 
-def model_fingerprint(model: nn.Module) -> str:
-    """A content hash of the weights (per-tensor sums in float64): cheap, and changes with any checkpoint."""
-    h = hashlib.sha256()
-    with torch.no_grad():
-        for name, t in model.state_dict().items():
-            t = t.double()
-            h.update(f"{name}{tuple(t.shape)}{t.sum().item():.17g}{t.abs().sum().item():.17g}".encode())
-    return h.hexdigest()[:16]
+def model_name(model: str) -> str:
+    """The record's ``model``: the checkpoint's name, a local directory's own name, a hub repo's name."""
+    if model == SMOLLM2:
+        return "SmolLM2-135M-Instruct"
+    path = local_dir(model)
+    return path.name if path is not None else model.split("/")[-1]
 
 
 def text_fingerprint(pools: dict[str, list[str]]) -> str:
@@ -222,7 +248,8 @@ def base_perplexity(model: nn.Module, split: torch.Tensor, model_fp: str, cache_
     Computed in float32 on the machine's best device; a ``bf16=true`` run is scored under bf16 autocast, so
     its forget_increase includes bf16 rounding (small next to real forgetting, but not zero).
     """
-    device = pick_device("auto")
+    quantized = getattr(model, "is_quantized", False)  # bitsandbytes: scored where it was loaded, not moved
+    device = next(model.parameters()).device if quantized else pick_device("auto")
     blocks_fp = hashlib.sha256(split.to(torch.int32).numpy().tobytes()).hexdigest()[:16]
     key = hashlib.sha256(f"{model_fp}|{blocks_fp}|{tuple(split.shape)}|{device.type}|{EVAL_TOKENS}".encode())
     path = Path(cache_dir).expanduser() / "causal_lm" / f"base-{key.hexdigest()[:16]}.json"
@@ -231,7 +258,8 @@ def base_perplexity(model: nn.Module, split: torch.Tensor, model_fp: str, cache_
     model.to(device)
     with torch.inference_mode():
         metrics = perplexity(model, _fixed_batches(split, device))
-    model.to("cpu")  # the trainer moves it to the run's device
+    if not quantized:
+        model.to("cpu")  # the trainer moves it to the run's device
     record = {"metrics": metrics, "model": model_fp, "blocks": blocks_fp, "shape": list(split.shape),
               "device": device.type}
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(record, indent=1)))
@@ -255,55 +283,99 @@ _GSM8K = {"model": "TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T", "datas
 @register_task("lm", smoke={"seq_len": 32, "n_train": 8, "n_val": 3, "n_test": 3, "n_forget": 2}, **_LM)
 def build(model: str = SMOLLM2, dataset: str = "austen", forget_dataset: str | None = "guardian",
           seq_len: int = 128, n_train: int = 2048, n_val: int = 32, n_test: int = 32, n_forget: int = 32,
-          data_seed: int = 0, cache_dir: str = "~/.cache/lorabench", assets_dir: str | None = None) -> Task:
+          data_seed: int = 0, cache_dir: str = "~/.cache/lorabench", assets_dir: str | None = None, *,
+          loading: Loading | None = None) -> Task:
     if dataset not in DATASETS:
         raise TaskError(f"invalid option task.dataset={dataset!r}: expected one of {', '.join(DATASETS)}")
     if forget_dataset is not None and forget_dataset not in FORGET_DATASETS:
         raise TaskError(f"invalid option task.forget_dataset={forget_dataset!r}: expected null or "
                         f"{', '.join(FORGET_DATASETS)}")
-    if not isinstance(seq_len, int) or seq_len < 2:
-        raise TaskError(f"invalid option task.seq_len={seq_len!r}: expected an integer >= 2")
+    check_seq_len(seq_len)
     for name, n in (("n_train", n_train), ("n_val", n_val), ("n_test", n_test), ("n_forget", n_forget)):
         if not isinstance(n, int) or n < 1:
             raise TaskError(f"invalid option task.{name}={n!r}: expected an integer >= 1")
     assets_dir = str(assets.assets_dir(assets_dir))
 
-    from_hub = [f"model {model}"] * (model != SMOLLM2) + ["dataset openai/gsm8k"] * (dataset == "gsm8k")
+    from_hub = model_hub_names(model) + ["dataset openai/gsm8k"] * (dataset == "gsm8k")
     hub = Hub.connect(from_hub, instead="task=lm") if from_hub else None  # unreachable: fail before any work
 
     # the tokenizer and data first: they are cheap and, for hub configs, the likeliest to be missing
     tok = load_tokenizer(model, assets_dir, hub)
     streams, data_fp = token_streams(text_pools(dataset, assets_dir, hub), tok, cache_dir, dataset)
-    net = load_model(model, assets_dir, hub)
-    max_len = getattr(net.config, "max_position_embeddings", None)
-    if max_len is not None and seq_len > max_len:
-        raise TaskError(f"invalid option task.seq_len={seq_len}: {model} handles at most {max_len} tokens")
-
-    # the split depends only on data_seed, never on the run's seed: every run of a sweep sees the same blocks
-    train = pick(blocks(streams["train"], seq_len), {"n_train": n_train}, data_seed, f"{dataset} training")
-    held = pick(blocks(streams["heldout"], seq_len), {"n_val": n_val, "n_test": n_test}, data_seed + 1,
-                f"{dataset} held-out")
-    model_fp = model_fingerprint(net)
-    base = {"val": base_perplexity(net, held["n_val"], model_fp, cache_dir)["perplexity"],
-            "test": base_perplexity(net, held["n_test"], model_fp, cache_dir)["perplexity"]}
-    info = {"dataset": dataset, "data_fingerprint": data_fp, "tokenizer": tokenizer_fingerprint(tok),
-            "model_fingerprint": model_fp, "seq_len": seq_len, "data_seed": data_seed,
-            "blocks": {"train": n_train, "val": n_val, "test": n_test},
-            "blocks_available": {"train": len(streams["train"]) // seq_len,
-                                 "heldout": len(streams["heldout"]) // seq_len}}
+    info = {"dataset": dataset}
     if dataset == "austen":
         info["heldout_novels"] = list(AUSTEN_HELDOUT)
-
     forget = None
     if forget_dataset is not None:
         f_streams, f_fp = token_streams({"all": forget_pool(forget_dataset)}, tok, cache_dir, forget_dataset)
-        forget = pick(blocks(f_streams["all"], seq_len), {"n_forget": n_forget}, data_seed + 2,
-                      forget_dataset)["n_forget"]
-        base["forget"] = base_perplexity(net, forget, model_fp, cache_dir)["perplexity"]
-        info.update(forget_dataset=forget_dataset, forget_fingerprint=f_fp)
-        info["blocks"]["forget"] = n_forget
-        info["blocks_available"]["forget"] = len(f_streams["all"]) // seq_len
+        forget = {"name": forget_dataset, "fingerprint": f_fp, "stream": f_streams["all"], "n": n_forget}
+    return lm_task(model=model, tok=tok, streams=streams, data_fp=data_fp, info=info, seq_len=seq_len,
+                   sizes={"n_train": n_train, "n_val": n_val, "n_test": n_test}, data_seed=data_seed,
+                   cache_dir=cache_dir, assets_dir=assets_dir, hub=hub, loading=loading, forget=forget,
+                   what=dataset)
+
+
+def _resolve_sizes(sizes: dict, available: dict, seq_len: int, data_option: str) -> dict:
+    """Block counts with None resolved (see ``lm_task``); an empty split is one line."""
+    n_val, n_test, held = sizes["n_val"], sizes["n_test"], available["heldout"]
+    if n_val is None and n_test is None:
+        n_val, n_test = held // 2, held - held // 2
+    elif n_val is None or n_test is None:
+        n_val, n_test = (held - n_test, n_test) if n_val is None else (n_val, held - n_val)
+    out = {"n_train": available["train"] if sizes["n_train"] is None else sizes["n_train"], "n_val": n_val,
+           "n_test": n_test}
+    for name, n in out.items():
+        if n < 1:
+            raise TaskError(f"invalid option {data_option}: the {name[2:]} split is empty (blocks of "
+                            f"task.seq_len={seq_len} tokens: {available['train']} training, {held} held-out; give "
+                            "more text or a shorter seq_len)")
+    return out
+
+
+def check_seq_len(seq_len) -> None:
+    if not isinstance(seq_len, int) or seq_len < 2:
+        raise TaskError(f"invalid option task.seq_len={seq_len!r}: expected an integer >= 2")
+
+
+def lm_task(*, model: str, tok, streams: dict, data_fp: str, info: dict, seq_len: int, sizes: dict,
+            data_seed: int, cache_dir: str, assets_dir: str, hub: Hub | None, loading: Loading | None,
+            forget: dict | None, what: str, data_option: str = "task.dataset") -> Task:
+    """What every causal-LM task shares once its token streams are known: the model, the seeded blocks,
+    the untouched model's perplexities, the metrics, the Task. ``streams``: {"train", "heldout"} token
+    streams; ``sizes``: {"n_train", "n_val", "n_test"} in blocks (None: every training block; half the
+    held-out blocks each, or what the other leaves); ``forget``: None, or {"name", "fingerprint",
+    "stream", "n"} for the forgetting text."""
+    loading = loading or Loading()
+    net = load_model(model, assets_dir, hub, loading=loading)
+    loaded = loading.info(net)  # before any forward pass: bitsandbytes' int8 layers move their scales then
+    max_len = getattr(net.config, "max_position_embeddings", None)
+    if max_len is not None and seq_len > max_len:
+        raise TaskError(f"invalid option task.seq_len={seq_len}: {model} handles at most {max_len} tokens")
+    available = {"train": len(streams["train"]) // seq_len, "heldout": len(streams["heldout"]) // seq_len}
+    sizes = _resolve_sizes(sizes, available, seq_len, data_option)
+
+    # the split depends only on data_seed, never on the run's seed: every run of a sweep sees the same blocks
+    train = pick(blocks(streams["train"], seq_len), {"n_train": sizes["n_train"]}, data_seed, f"{what} training")
+    held = pick(blocks(streams["heldout"], seq_len), {"n_val": sizes["n_val"], "n_test": sizes["n_test"]},
+                data_seed + 1, f"{what} held-out")
+    model_fp = model_fingerprint(net)
+    base = {"val": base_perplexity(net, held["n_val"], model_fp, cache_dir)["perplexity"],
+            "test": base_perplexity(net, held["n_test"], model_fp, cache_dir)["perplexity"]}
+    info = {**info, "data_fingerprint": data_fp, "tokenizer": tokenizer_fingerprint(tok),
+            "model_fingerprint": model_fp, "seq_len": seq_len, "data_seed": data_seed,
+            "blocks": {"train": sizes["n_train"], "val": sizes["n_val"], "test": sizes["n_test"]},
+            "blocks_available": dict(available)}
+
+    forget_blocks = None
+    if forget is not None:
+        forget_blocks = pick(blocks(forget["stream"], seq_len), {"n_forget": forget["n"]}, data_seed + 2,
+                             forget["name"])["n_forget"]
+        base["forget"] = base_perplexity(net, forget_blocks, model_fp, cache_dir)["perplexity"]
+        info.update(forget_dataset=forget["name"], forget_fingerprint=forget["fingerprint"])
+        info["blocks"]["forget"] = forget["n"]
+        info["blocks_available"]["forget"] = len(forget["stream"]) // seq_len
     info["base_perplexity"] = base
+    info.update(loaded)
 
     def loss(model, batch):
         return model(**batch).loss
@@ -312,22 +384,21 @@ def build(model: str = SMOLLM2, dataset: str = "austen", forget_dataset: str | N
 
     def evaluate(model, loader) -> dict:
         metrics = perplexity(model, loader)
-        if forget is not None:
+        if forget_blocks is not None:
             # the trainer scores val and then test on the same weights: score the forgetting text once.
             # Every in-place update (optimizer step, restoring the best weights) bumps a tensor's _version.
             weights = (id(model), tuple(p._version for p in model.parameters()))
             if scored.get("weights") != weights:
-                after = perplexity(model, _fixed_batches(forget, next(model.parameters()).device))["perplexity"]
-                scored.update(weights=weights, after=after)
+                after = perplexity(model, _fixed_batches(forget_blocks, next(model.parameters()).device))
+                scored.update(weights=weights, after=after["perplexity"])
             metrics.update(forget_perplexity=scored["after"], forget_increase=scored["after"] - base["forget"])
         return metrics
 
     untouched = {"name": "the untouched model"}
     for split in ("val", "test"):
         untouched[split] = {"perplexity": base[split], "nll": math.log(base[split])}
-        if forget is not None:
+        if forget_blocks is not None:
             untouched[split].update(forget_perplexity=base["forget"], forget_increase=0.0)
-    return Task(model=net, model_name="SmolLM2-135M-Instruct" if model == SMOLLM2 else model.split("/")[-1],
-                train=TensorDataset(train["n_train"]), val=TensorDataset(held["n_val"]),
-                test=TensorDataset(held["n_test"]), loss=loss, evaluate=evaluate, trivial=untouched,
-                collate=collate, info=info)
+    return Task(model=net, model_name=model_name(model), train=TensorDataset(train["n_train"]),
+                val=TensorDataset(held["n_val"]), test=TensorDataset(held["n_test"]), loss=loss, evaluate=evaluate,
+                trivial=untouched, collate=collate, info=info)

@@ -7,8 +7,11 @@ and ``glue_mrpc``. The YAML picks the data (``dataset``) and the encoder (``mode
 | ``fine_foods`` | Amazon fine-food reviews (Debian r-cran-modeldata), 4,000 + 1,000 | the given 1,000 | 20 % of train |
 | ``glue/sst2``, ``glue/mrpc`` | the Hugging Face hub | GLUE validation (test labels are hidden) | 10 % of train |
 
-``model`` is ``minilm`` (all-MiniLM-L6-v2, shipped in a pip package) or a hub name (``roberta-base``); a new
-classifier head is put on top (``AutoModelForSequenceClassification``), so the head must train.
+``model`` is ``minilm`` (all-MiniLM-L6-v2, shipped in a pip package), a local directory saved with
+``save_pretrained`` (loaded with no hub access) or a hub name (``roberta-base``); a new classifier head is
+put on top (``AutoModelForSequenceClassification``), so the head must train. ``classification_task`` is the
+part ``text_file`` (``custom.py``, your own data) shares. A quantized base (the top-level ``model`` node,
+passed as ``loading``) keeps the head un-quantized.
 
 Splits are fixed by ``split_seed`` and stratified by label; ``n_train``/``n_val``/``n_test`` take stratified
 subsets of them (``null``: all), so changing ``n_train`` never changes the test set. Before splitting, exact
@@ -36,7 +39,16 @@ import torch
 
 from experiments import assets
 from experiments.files import atomic_dir
-from experiments.hub import Hub, quiet, tokenizer_fingerprint
+from experiments.hub import (
+    Hub,
+    Loading,
+    local_dir,
+    local_or_hub,
+    looks_like_path,
+    model_fingerprint,
+    quiet,
+    tokenizer_fingerprint,
+)
 from experiments.tasks import Task, TaskError, register_task
 
 if TYPE_CHECKING:
@@ -223,12 +235,14 @@ def loss(model, batch) -> torch.Tensor:
 
 # --- models and the hub ---------------------------------------------------------------------------
 
+def _local_or_hub(model: str, hub: Hub | None, load):
+    return local_or_hub(model, hub, load, ("minilm", assets.minilm_path), TaskError)
+
+
 def load_tokenizer(model: str, hub: Hub | None = None):
     from transformers import AutoTokenizer
 
-    if model == "minilm":
-        return AutoTokenizer.from_pretrained(assets.minilm_path())
-    return hub.load(lambda: AutoTokenizer.from_pretrained(model, local_files_only=hub.local_only))
+    return _local_or_hub(model, hub, lambda path, local: AutoTokenizer.from_pretrained(path, local_files_only=local))
 
 
 class MeanPooled(torch.nn.Module):
@@ -261,16 +275,23 @@ class MeanPooled(torch.nn.Module):
         return SequenceClassifierOutput(loss=loss, logits=logits)
 
 
-def load_model(model: str, num_labels: int, hub: Hub | None = None):
+def load_model(model: str, num_labels: int, hub: Hub | None = None, *, loading: Loading | None = None,
+               head: tuple[str, ...] = ("classifier", "score"), label_names: list[str] | None = None):
+    """``AutoModelForSequenceClassification`` with a new ``num_labels``-way head; ``loading``: quantized
+    (the head kept un-quantized) and/or with gradient checkpointing."""
     from transformers import AutoModelForSequenceClassification
 
-    def load(path, **kw):
-        with quiet():  # the LOAD REPORT lists the new classifier as MISSING: expected, not news
-            return AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, **kw)
+    loading = loading or Loading()
+    kw = loading.from_pretrained_kwargs(head)
+    if label_names is not None:
+        kw.update(id2label=dict(enumerate(label_names)), label2id={n: i for i, n in enumerate(label_names)})
 
-    if model == "minilm":
-        return load(assets.minilm_path())
-    return hub.load(lambda: load(model, local_files_only=hub.local_only))
+    def load(path, local):
+        with quiet():  # the LOAD REPORT lists the new classifier as MISSING: expected, not news
+            return AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels,
+                                                                      local_files_only=local, **kw)
+
+    return loading.prepare(_local_or_hub(model, hub, load))
 
 
 # --- the task -------------------------------------------------------------------------------------
@@ -284,6 +305,21 @@ _SMOKE = {"n_train": 32, "n_val": 16, "n_test": 16, "max_length": 32}
 _GLUE = {"model": "roberta-base", "n_train": None, "n_val": None, "n_test": None, "max_length": 512}
 
 
+def check_sizes(n_train, n_val, n_test, max_length, pooling) -> None:
+    for option, n in (("n_train", n_train), ("n_val", n_val), ("n_test", n_test)):
+        if n is not None and (not isinstance(n, int) or n < 1):
+            raise TaskError(f"invalid option task.{option}={n!r}: expected a positive integer or null (all)")
+    if not isinstance(max_length, int) or max_length < 8:
+        raise TaskError(f"invalid option task.max_length={max_length!r}: expected an integer >= 8")
+    if pooling not in ("cls", "mean"):
+        raise TaskError(f"invalid option task.pooling={pooling!r}: expected 'cls' or 'mean'")
+
+
+def model_hub_names(model: str) -> list[str]:
+    """What ``model`` needs from the hub: nothing for ``minilm`` or a local directory."""
+    return [] if model == "minilm" or local_dir(model) is not None or looks_like_path(model) else [model]
+
+
 @register_task("glue_mrpc", hub=True, defaults={"dataset": "glue/mrpc", **_GLUE}, **_TEXT)
 @register_task("glue_sst2", hub=True, defaults={"dataset": "glue/sst2", **_GLUE}, **_TEXT)
 # n_train 3000 of 3,178 available after the validation carve-out, n_val 500 of 795; reviews are 97 tokens
@@ -292,29 +328,46 @@ _GLUE = {"model": "roberta-base", "n_train": None, "n_val": None, "n_test": None
 @register_task("sentiment", smoke=_SMOKE, **_TEXT)
 def build(dataset: str = "rotten_tomatoes", model: str = "minilm", n_train: int | None = 3000,
           n_val: int | None = 500, n_test: int | None = 1000, max_length: int = 64, split_seed: int = 0,
-          pooling: str = "cls", cache_dir: str = "~/.cache/lorabench", assets_dir: str | None = None) -> Task:
+          pooling: str = "cls", cache_dir: str = "~/.cache/lorabench", assets_dir: str | None = None, *,
+          loading: Loading | None = None) -> Task:
     if dataset not in (*OFFLINE_DATASETS, *HUB_DATASETS):
         raise TaskError(f"invalid option task.dataset={dataset!r}: expected one of "
                         f"{', '.join((*OFFLINE_DATASETS, *HUB_DATASETS))}")
-    for option, n in (("n_train", n_train), ("n_val", n_val), ("n_test", n_test)):
-        if n is not None and (not isinstance(n, int) or n < 1):
-            raise TaskError(f"invalid option task.{option}={n!r}: expected a positive integer or null (all)")
-    if not isinstance(max_length, int) or max_length < 8:
-        raise TaskError(f"invalid option task.max_length={max_length!r}: expected an integer >= 8")
-    if pooling not in ("cls", "mean"):
-        raise TaskError(f"invalid option task.pooling={pooling!r}: expected 'cls' or 'mean'")
-    from_hub = [name for name in (model, dataset) if name != "minilm" and name not in OFFLINE_DATASETS]
+    check_sizes(n_train, n_val, n_test, max_length, pooling)
+    from_hub = model_hub_names(model) + [dataset] * (dataset not in OFFLINE_DATASETS)
     # an unreachable hub fails here, before any work
     hub = Hub.connect(from_hub, instead="task=sentiment or task=reviews") if from_hub else None
 
     source = load_source(dataset, assets_dir, hub)
+    num_labels = int(max(source.pool["label"].max(), 1)) + 1
+    return classification_task(source, {"dataset": dataset}, model=model, hub=hub, num_labels=num_labels,
+                               sizes={"train": n_train, "val": n_val, "test": n_test}, max_length=max_length,
+                               split_seed=split_seed, pooling=pooling, cache_dir=cache_dir, loading=loading)
+
+
+def classification_task(source: Source, info: dict, *, model: str, hub: Hub | None, num_labels: int,
+                        sizes: dict, max_length: int, split_seed: int, pooling: str, cache_dir: str,
+                        loading: Loading | None = None, label_names: list[str] | None = None,
+                        data_option: str = "task.dataset") -> Task:
+    """The part every classification task shares once its rows are known: the tokenizer, the seeded
+    stratified split and its fingerprints, the token caches, the model with a new head, the Task.
+    ``info``: the task's own fields, first in the record's ``task_info``."""
+    loading = loading or Loading()
     tokenizer = load_tokenizer(model, hub)
     if max_length > tokenizer.model_max_length:
         raise TaskError(f"invalid option task.max_length={max_length}: {model} takes at most "
                         f"{tokenizer.model_max_length} tokens")
+    if tokenizer.pad_token_id is None:  # decoder tokenizers (GPT-2, Llama) have none: pad with EOS
+        if tokenizer.eos_token_id is None:
+            raise TaskError(f"invalid option task.model={model!r}: its tokenizer has neither a pad nor an EOS token")
+        tokenizer.pad_token = tokenizer.eos_token
     parts, dropped = split(source, split_seed)
-    sizes = {"train": n_train, "val": n_val, "test": n_test}
-    info = {"dataset": dataset, "model": MINILM if model == "minilm" else model, "split_seed": split_seed,
+    for name, part in parts.items():
+        if len(part) == 0:
+            raise TaskError(f"invalid option {data_option}: the {name} split is empty ({len(source.pool):,} rows "
+                            "in the data; give more rows or larger split fractions)")
+    local = local_dir(model)
+    info = {**info, "model": MINILM if model == "minilm" else model, "split_seed": split_seed,
             "max_length": max_length, "dropped": dropped,
             "data_sha256": fingerprint(source.pool if source.test is None else
                                        _concat(source.pool, source.test), source.text_columns)}
@@ -323,19 +376,24 @@ def build(dataset: str = "rotten_tomatoes", model: str = "minilm", n_train: int 
         rows = take(part, sizes[name], f"n_{name}")
         sha = fingerprint(rows, source.text_columns)
         data[name] = cached_tokens(rows, tokenizer, max_length, source.text_columns, cache_dir, sha, tokenizer_sha)
-        counts = np.bincount(rows["label"].to_numpy(), minlength=2)
+        counts = np.bincount(rows["label"].to_numpy(), minlength=num_labels)
         lengths = np.array([len(ids) for ids in data[name]["input_ids"]])
         info[name] = {"n": len(rows), "available": len(part), "sha256": sha,
                       "label_frac": [round(float(c) / len(rows), 4) for c in counts],
                       "at_max_length": round(float((lengths >= max_length).mean()), 4)}  # truncated (or exact)
-    num_labels = int(max(source.pool["label"].max(), 1)) + 1
     with torch.random.fork_rng(devices=[]):  # the new head's init draws from the run's seed, then the
-        net = load_model(model, num_labels, hub)  # global RNG is left as if the task had not been built
+        net = load_model(model, num_labels, hub, loading=loading,  # global RNG is left as if the task had
+                         label_names=label_names)  # not been built
+    if getattr(net.config, "pad_token_id", 0) is None:  # decoder classifiers (GPT-2, Llama) find the last
+        net.config.pad_token_id = tokenizer.pad_token_id  # non-pad token by it
     if pooling == "mean":
         net = MeanPooled(net)
     info["pooling"] = pooling
-    return Task(model=net, model_name=info["model"], train=data["train"], val=data["val"], test=data["test"],
-                loss=loss, evaluate=evaluate, trivial=majority_class(data),
+    if local is not None:  # a local directory can change under the same name: the weights' own fingerprint
+        info["model_fingerprint"] = model_fingerprint(net, skip=_TEXT["head"] + ("score",))
+    info.update(loading.info(net))
+    return Task(model=net, model_name=local.name if local is not None else info["model"], train=data["train"],
+                val=data["val"], test=data["test"], loss=loss, evaluate=evaluate, trivial=majority_class(data),
                 collate=functools.partial(pad_batch, pad_id=tokenizer.pad_token_id), info=info)
 
 
