@@ -60,7 +60,12 @@ def read(path: str | Path) -> tuple[dict | None, str | None]:
         r = json.loads(Path(path).read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         return None, f"unreadable record: {e}"
-    return (r, None) if isinstance(r, dict) else (None, f"not a run record: the file holds {json.dumps(r)[:40]}")
+    if not isinstance(r, dict):
+        return None, f"not a run record: the file holds {json.dumps(r)[:40]}"
+    schema = r.get("schema")
+    if isinstance(schema, int) and schema > records.SCHEMA:
+        return None, f"record schema {schema} is newer than this lorabench reads ({records.SCHEMA})"
+    return r, None
 
 
 def load(results_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:

@@ -8,6 +8,7 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 
 JOBS_FILE = "jobs.jsonl"
+LAST_SWEEP: dict[str, int] = {}  # the counts of the last multirun in this process (the CLI's exit code)
 
 
 def note_job(sweep_dir: str, entry: dict) -> None:
@@ -23,6 +24,8 @@ class SweepSummary(Callback):
         path = Path(config.hydra.sweep.dir) / JOBS_FILE
         jobs = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
         counts = {s: sum(j["status"] == s for j in jobs) for s in ("ok", "skipped", "failed", "invalid")}
+        LAST_SWEEP.clear()
+        LAST_SWEEP.update(counts)
         print(f"[lorabench] sweep done: {len(jobs)} jobs: " + ", ".join(f"{n} {s}" for s, n in counts.items()))
         for j in jobs:
             if j["status"] in ("failed", "invalid"):

@@ -63,12 +63,28 @@ def load(path: str | os.PathLike) -> dict:
         return json.load(f)
 
 
+class NewerRecord(ValueError):
+    """A record written by a newer lorabench (a schema this version does not know)."""
+
+
 def finished(results_dir, rid: str) -> bool:
+    """A finished (``ok``) record of this schema exists. A missing, corrupt or non-object record is
+    unfinished (the run goes again and replaces it); a record of a newer schema is a NewerRecord error."""
     path = record_path(results_dir, rid)
     try:
-        return load(path).get("status") == "ok"
-    except (OSError, json.JSONDecodeError):
+        record = load(path)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        if path.exists():
+            print(f"[lorabench] note: {path} is not valid JSON: treated as unfinished, the run goes again")
         return False
+    if not isinstance(record, dict):
+        print(f"[lorabench] note: {path} is not a run record: treated as unfinished, the run goes again")
+        return False
+    schema = record.get("schema")
+    if isinstance(schema, int) and schema > SCHEMA:
+        raise NewerRecord(f"{path} has record schema {schema}, newer than this lorabench reads ({SCHEMA}): "
+                          "update lorabench, or use another results_dir")
+    return record.get("status") == "ok"
 
 
 def write(results_dir, record: dict) -> Path:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import os
 import re
 import sys
 import time
@@ -22,7 +23,7 @@ from torch import nn
 import variants
 from experiments import records, schema, tasks  # noqa: F401  (schema: the structured configs, on import)
 from experiments.hub import Loading, ModelOptions
-from experiments.trainer import OptimConfig, fit, pick_device, reseed, seed_everything
+from experiments.trainer import OptimConfig, fit, pick_device, reseed, seed_everything, total_steps
 
 
 class ConfigError(ValueError):
@@ -84,10 +85,56 @@ def _filled_by_entry_point(spec: tasks.TaskSpec) -> set[str]:
     return {n for n, p in inspect.signature(spec.build).parameters.items() if p.kind is p.KEYWORD_ONLY}
 
 
+PATHS = ("results_dir", "cache_dir", "assets_dir")  # top-level directories (the task's follow them)
+
+
+def expand_paths(cfg: dict) -> dict:
+    """``~`` and environment variables expanded in every directory option (top level and the task's)."""
+    def expand(v):
+        return os.path.expandvars(os.path.expanduser(v)) if isinstance(v, str) else v
+
+    task = {k: expand(v) if k in PATHS else v for k, v in cfg.get("task", {}).items()}
+    return {**{k: expand(v) if k in PATHS else v for k, v in cfg.items()}, "task": task}
+
+
+def _top_level(cfg: dict) -> None:
+    """The top-level options: seed, device, bf16, threads_per_job and the directories."""
+    seed = cfg.get("seed")
+    if not (isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < 2**32):
+        raise ConfigError(f"invalid option seed={seed!r}: expected an integer in [0, 2^32)")
+    pick_device(str(cfg.get("device", "auto")))
+    for key in ("bf16", "force", "save_adapter"):
+        if not isinstance(cfg.get(key, False), bool):
+            raise ConfigError(f"invalid option {key}={cfg[key]!r}: expected true or false")
+    threads = cfg.get("threads_per_job")
+    if threads is not None and not (isinstance(threads, int) and not isinstance(threads, bool) and threads >= 1):
+        raise ConfigError(f"invalid option threads_per_job={threads!r}: expected an integer >= 1")
+    for key in PATHS:
+        if key in cfg and not (isinstance(cfg[key], str) and cfg[key].strip()):
+            raise ConfigError(f"invalid option {key}={cfg[key]!r}: expected a directory (an empty path would "
+                              "write into the current folder)")
+
+
+def claim_dir(option: str, path: str) -> None:
+    """Create ``path`` (and ``runs/`` below a results directory) and prove it writable, before any training:
+    one ConfigError line for a path that is a file, lies below one, or cannot be written."""
+    target = Path(path) / "runs" if option == "results_dir" else Path(path)
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        probe = target / f".lorabench-write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except (OSError, ValueError) as e:
+        why = {FileExistsError: "a file is in the way", NotADirectoryError: "it lies below a file",
+               PermissionError: "not writable"}.get(type(e), type(e).__name__)
+        raise ConfigError(f"invalid option {option}={path!r}: cannot write there ({why}: {e.strerror or e})") from None
+
+
 def check(cfg: dict) -> tuple[tasks.TaskSpec, variants.Variant]:
-    """Everything that can be checked without building the model: the task and its option names, the
-    ``model`` node (a task that loads no pretrained transformers model cannot quantize one), the variant
-    (created here, once) and the optimisation options."""
+    """Everything that can be checked without building the model: the top-level options, the task and its
+    option names, the ``model`` node (a task that loads no pretrained transformers model cannot quantize
+    one), the variant (created here, once) and the optimisation options."""
+    _top_level(cfg)
     spec = tasks.check_options(cfg["task"].get("name"), _task_options(cfg))
     reserved = sorted(_filled_by_entry_point(spec) & set(_task_options(cfg)))
     if reserved:
@@ -119,6 +166,7 @@ def build(cfg: dict, variant: variants.Variant | None = None) -> tuple[tasks.Tas
         device = str(pick_device(cfg.get("device", "auto")))
         options["loading"] = Loading(**dataclasses.asdict(_model_options(cfg)), device=device)
     task = tasks.build(cfg["task"]["name"], **options)
+    variant.check_steps(total_steps(_optim(cfg), len(task.train)))  # e.g. AdaLoRA's schedule must fit the run
     reseed(seed, "adapter")
     return task, variant, variant.apply(task.model)
 
@@ -131,13 +179,17 @@ def run(cfg: dict) -> dict:
     from experiments.wandb_log import WandbRun
 
     try:
-        cfg = per_variant_lr(cfg)
+        cfg = expand_paths(per_variant_lr(cfg))
         _, variant = check(cfg)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     rid = records.run_id(cfg)
     results_dir = cfg["results_dir"]
-    if records.finished(results_dir, rid) and not cfg.get("force", False):
+    try:
+        done = records.finished(results_dir, rid)
+    except records.NewerRecord as e:
+        raise ConfigError(str(e)) from None
+    if done and not cfg.get("force", False):
         print(f"[lorabench] skip {rid}: a finished record exists ({records.record_path(results_dir, rid)})")
         return {**records.load(records.record_path(results_dir, rid)), "skipped": True}
 
@@ -146,10 +198,12 @@ def run(cfg: dict) -> dict:
 
         torch.set_num_threads(int(cfg["threads_per_job"]))
     device = str(pick_device(cfg.get("device", "auto")))
+    claim_dir("cache_dir", cfg["cache_dir"])  # the task writes its caches there while it is built
     try:
         task, variant, model = build(cfg, variant)
     except ValueError as e:  # bad task option, targets that do not fit the model, missing asset
         raise ConfigError(str(e)) from None
+    claim_dir("results_dir", results_dir)  # before training: an unusable results dir never costs a run
 
     record = {
         "schema": records.SCHEMA, "run_id": rid, "group_id": records.group_id(cfg), "status": "running",
@@ -261,8 +315,10 @@ def cli_problem(argv: list[str]) -> str | None:
 
     try:
         overrides = OverridesParser.create().parse_overrides([a for a in argv if "=" in a and a[0] != "-"])
-    except Exception:  # noqa: BLE001 - a syntax error is Hydra's to report
-        return None
+    except Exception as e:  # noqa: BLE001 - a malformed override: Hydra's parser says where, in one line here
+        bad = next((a for a in argv if "=" in a and a[0] != "-" and not _parses(a)), None)
+        first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+        return f"malformed override {bad!r}: {first}" if bad else f"malformed override: {first}"
     single = []
     for o in overrides:
         if o.key_or_group.startswith("hydra"):
@@ -288,13 +344,28 @@ def cli_problem(argv: list[str]) -> str | None:
     return None
 
 
+def _parses(arg: str) -> bool:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        OverridesParser.create().parse_overrides([arg])
+    except Exception:  # noqa: BLE001
+        return False
+    return True
+
+
 def cli() -> None:
     """``lorabench-train`` and ``python -m experiments.train``."""
+    from experiments.callbacks import LAST_SWEEP
+
     problem = cli_problem(sys.argv[1:])
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         sys.exit(2)
+    LAST_SWEEP.clear()
     main()
+    if LAST_SWEEP.get("failed") or LAST_SWEEP.get("invalid"):  # every job ran; the summary said which failed
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -59,15 +59,24 @@ class OptimConfig:
         def number(x) -> bool:
             return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
+        def integer(x) -> bool:
+            return isinstance(x, int) and not isinstance(x, bool)
+
         need(number(self.lr) and self.lr > 0, "lr", "a positive number (or, in a config, a map variant: lr)")
-        need(self.weight_decay >= 0, "weight_decay", ">= 0")
+        need(number(self.weight_decay) and self.weight_decay >= 0, "weight_decay", "a number >= 0")
+        betas = tuple(self.betas) if isinstance(self.betas, (list, tuple)) else ()
+        need(len(betas) == 2 and all(number(b) and 0 <= b < 1 for b in betas), "betas", "two numbers in [0, 1)")
+        need(number(self.eps) and self.eps > 0, "eps", "a positive number")
         need(self.schedule in ("constant", "linear", "cosine"), "schedule", "constant, linear or cosine")
-        need(0 <= self.warmup_ratio < 1, "warmup_ratio", "in [0, 1)")
-        need(self.grad_clip >= 0, "grad_clip", ">= 0")
-        need(self.grad_accum >= 1, "grad_accum", ">= 1")
-        need(self.batch_size >= 1, "batch_size", ">= 1")
-        need(self.eval_batch_size >= 1, "eval_batch_size", ">= 1")
+        need(number(self.warmup_ratio) and 0 <= self.warmup_ratio < 1, "warmup_ratio", "in [0, 1)")
+        need(number(self.grad_clip) and self.grad_clip >= 0, "grad_clip", "a number >= 0 (0: no clipping)")
+        for name in ("grad_accum", "batch_size", "eval_batch_size", "log_every"):
+            need(integer(getattr(self, name)) and getattr(self, name) >= 1, name, "an integer >= 1")
+        for name in ("max_steps", "eval_every"):
+            need(integer(getattr(self, name)) and getattr(self, name) >= 0, name, "an integer >= 0 (0: off)")
+        need(number(self.epochs) and self.epochs >= 0, "epochs", "a number >= 0")
         need(self.max_steps > 0 or self.epochs > 0, "max_steps", "> 0 (or epochs > 0)")
+        need(isinstance(self.select_best, bool), "select_best", "true or false")
 
 
 def seed_everything(seed: int) -> None:
@@ -94,9 +103,22 @@ def reseed(seed: int, purpose: str) -> None:
 
 
 def pick_device(name: str = "auto") -> torch.device:
+    """``auto`` (CUDA when there is one), ``cpu``, ``cuda``, ``cuda:<i>`` or ``mps``; one ValueError line for a
+    name torch does not know or a device this machine does not have."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"invalid option device={name!r}: expected auto, cpu, cuda, cuda:<index> or mps") from None
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        have = f"{torch.cuda.device_count()} CUDA device(s)" if torch.cuda.is_available() else "no CUDA device"
+        raise ValueError(f"invalid option device={name!r}: this machine has {have} (device=auto or cpu)")
+    if device.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise ValueError(f"invalid option device={name!r}: MPS is not available here (device=auto or cpu)")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"invalid option device={name!r}: expected auto, cpu, cuda, cuda:<index> or mps")
+    return device
 
 
 def lr_lambda(schedule: str, warmup: int, total: int) -> Callable[[int], float]:

@@ -255,6 +255,9 @@ class AdaLoRA(LoRA):
 
     embeddings = False
 
+    def check_steps(self, total_steps: int) -> None:
+        self.cfg.schedule(total_steps)  # raises unless tinit + tfinal leave a budgeting phase
+
     def make_layer(self, linear: nn.Module) -> AdaLoRALinear:
         if isinstance(linear, nn.Embedding):
             raise VariantError("variant 'adalora' cannot adapt an nn.Embedding (LoRA can); leave it out of the "

@@ -225,6 +225,10 @@ class Variant:
     def after_step(self, model: nn.Module, step: int, total_steps: int) -> None:
         """Runs after optimizer.step(), before zero_grad() (gradients still present)."""
 
+    def check_steps(self, total_steps: int) -> None:
+        """Raise ``VariantError`` if the method cannot run for ``total_steps`` steps (AdaLoRA: its budget
+        schedule must fit); called before training starts, so a bad schedule is a config error."""
+
     def can_restore(self) -> bool:
         """Whether the current trainable weights are a state the method may end in, i.e. a candidate for
         best-on-validation restoring (``optim.select_best``). AdaLoRA: only once its rank pattern is final."""

@@ -39,6 +39,11 @@ def _collate(rows):
 def build(d_in: int = 64, d_out: int = 64, hidden: int = 0, true_rank: int = 4, update_scale: float = 1.0,
           n_train: int = 4096, n_val: int = 512, n_test: int = 512, noise: float = 0.0,
           data_seed: int = 1234) -> Task:
+    for name, n in (("d_in", d_in), ("d_out", d_out), ("n_train", n_train), ("n_val", n_val), ("n_test", n_test)):
+        if n < 1:
+            raise TaskError(f"invalid option task.{name}={n}: expected an integer >= 1")
+    if hidden < 0 or noise < 0:
+        raise TaskError(f"invalid option task.{'hidden' if hidden < 0 else 'noise'}: expected >= 0")
     width = hidden or d_out
     if not 0 < true_rank <= min(d_in, width):
         raise TaskError(f"invalid option task.true_rank={true_rank}: expected 1..{min(d_in, width)}")
