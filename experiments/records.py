@@ -6,11 +6,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import platform
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 from experiments.files import atomic_write
@@ -61,6 +63,49 @@ def record_path(results_dir: str | os.PathLike, rid: str) -> Path:
 def load(path: str | os.PathLike) -> dict:
     with open(path) as f:
         return json.load(f)
+
+
+@contextlib.contextmanager
+def claimed(results_dir, rid: str, force: bool = False) -> Iterator[bool]:
+    """Hold ``runs/<run_id>.lock`` while a run trains, so that two workers of a sweep (or two sweeps) never
+    train one config twice. Created exclusively (``O_EXCL``); yields False when another live process holds
+    it. A lock whose process is gone (killed, the machine rebooted) is taken over; so is any lock with
+    ``force``. A lock of another host cannot be checked and counts as held (``force=true`` takes it)."""
+    path = record_path(results_dir, rid).with_suffix(".lock")
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            if not force and _held(path):
+                yield False
+                return
+            path.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{platform.node()} {os.getpid()}\n")
+        try:
+            yield True
+        finally:
+            path.unlink(missing_ok=True)
+        return
+    yield False
+
+
+def _held(lock: Path) -> bool:
+    try:
+        host, pid = lock.read_text().split()
+        pid = int(pid)
+    except (OSError, ValueError):
+        return False  # unreadable or half-written: a crashed claim
+    if host != platform.node():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class NewerRecord(ValueError):

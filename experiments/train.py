@@ -174,10 +174,9 @@ def build(cfg: dict, variant: variants.Variant | None = None) -> tuple[tasks.Tas
 def run(cfg: dict) -> dict:
     """One run from a resolved config dict. Returns the record (also written unless it was skipped).
 
-    Raises ``ConfigError`` for bad input before anything is written (W&B included).
+    Raises ``ConfigError`` for bad input before anything is written (W&B included). While it trains, the
+    run holds ``runs/<run_id>.lock``: another process on the same config skips it.
     """
-    from experiments.wandb_log import WandbRun
-
     try:
         cfg = expand_paths(per_variant_lr(cfg))
         _, variant = check(cfg)
@@ -204,6 +203,19 @@ def run(cfg: dict) -> dict:
     except ValueError as e:  # bad task option, targets that do not fit the model, missing asset
         raise ConfigError(str(e)) from None
     claim_dir("results_dir", results_dir)  # before training: an unusable results dir never costs a run
+    with records.claimed(results_dir, rid, force=cfg.get("force", False)) as mine:
+        if not mine:
+            print(f"[lorabench] skip {rid}: another process is training it ({records.record_path(results_dir, rid)}"
+                  ".lock; force=true takes it over)")
+            return {"run_id": rid, "status": "running", "skipped": True}
+        if records.finished(results_dir, rid) and not cfg.get("force", False):  # finished while we built
+            print(f"[lorabench] skip {rid}: another process finished it meanwhile")
+            return {**records.load(records.record_path(results_dir, rid)), "skipped": True}
+        return _record_and_train(cfg, rid, task, variant, model, device)
+
+
+def _record_and_train(cfg, rid, task, variant, model, device) -> dict:
+    from experiments.wandb_log import WandbRun
 
     record = {
         "schema": records.SCHEMA, "run_id": rid, "group_id": records.group_id(cfg), "status": "running",
@@ -280,7 +292,7 @@ def main(cfg: DictConfig) -> float | None:
         err = record.get("error") or {}
         _note_job({"status": status, "run_id": record["run_id"],
                    "error": f"{err.get('type')}: {err.get('message')}" if err else None})
-    if record["status"] != "ok" and not multirun:
+    if record["status"] != "ok" and not multirun and not record.get("skipped"):
         sys.exit(1)
     test = (record.get("metrics") or {}).get("test") or {}
     return next(iter(test.values()), None)  # for sweepers that optimise a returned value

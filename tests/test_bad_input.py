@@ -153,3 +153,62 @@ def test_two_sweeps_in_the_same_second_get_their_own_folders(tmp_path):
             cfg = compose("train", overrides=[f"results_dir={tmp_path}"], return_hydra_config=True)
         dirs.add(OmegaConf.select(cfg, "hydra.sweep.dir"))  # resolves ${now:...} at this moment
     assert len(dirs) == 2
+
+
+def _lock_of(cfg):
+    from experiments import records
+
+    path = records.record_path(cfg["results_dir"], records.run_id(train.expand_paths(cfg))).with_suffix(".lock")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def test_a_run_another_live_process_holds_is_skipped_and_a_stale_lock_is_taken_over(tmp_path, capsys):
+    import platform
+    import subprocess
+
+    cfg = _synthetic(tmp_path)
+    lock = _lock_of(cfg)
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock.write_text(f"{platform.node()} {sleeper.pid}\n")
+        record = train.run(cfg)
+        assert record["skipped"] and "another process is training it" in capsys.readouterr().out
+        assert not list(lock.parent.glob("*.json"))
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    record = train.run(cfg)  # its process is gone: the lock is stale
+    assert record["status"] == "ok" and not record.get("skipped") and not lock.exists()
+
+
+def test_two_processes_on_one_config_train_it_once(tmp_path):
+    import json
+    import os
+    import subprocess
+    from pathlib import Path
+
+    env = {**os.environ, "WANDB_MODE": "disabled", "LORABENCH_NO_PROGRESS": "1"}
+    args = [sys.executable, "-m", "experiments.train", "optim.max_steps=300", "logger=none", f"results_dir={tmp_path}"]
+    procs = [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                              cwd=Path(__file__).resolve().parents[1]) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[1][-500:] for o in outs]
+    trained = sum("[lorabench] ok" in o[0] for o in outs)
+    assert trained == 1, [o[0] for o in outs]
+    (path,) = (tmp_path / "runs").glob("*")  # one record, no lock left
+    assert json.loads(path.read_text())["status"] == "ok"
+
+
+@pytest.mark.parametrize("damage", ["weights", "facts"])
+def test_a_corrupt_cached_digits_base_is_rebuilt_with_a_warning_naming_it(damage, tmp_path):
+    from experiments.tasks import digits
+
+    cache = tmp_path / "cache"
+    digits.build(cache_dir=str(cache))
+    (target,) = (cache / "digits").glob(f"base-*.{'safetensors' if damage == 'weights' else 'json'}")
+    target.write_bytes(target.read_bytes()[: len(target.read_bytes()) // 2])  # truncated
+    with pytest.warns(UserWarning, match=rf"corrupt cached digits base .*{target.parent}.*rebuilding it"):
+        task = digits.build(cache_dir=str(cache))
+    assert task.info["weak_class"] in range(10)
+    digits.build(cache_dir=str(cache))  # rebuilt: loads cleanly again

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -94,8 +95,16 @@ def cached_base(cache_dir: str | os.PathLike, splits, split_spec: list, **spec) 
     weights, facts_path = root / f"base-{key}.safetensors", root / f"base-{key}.json"
     if weights.exists() and facts_path.exists():
         model = MLP(spec["hidden1"], spec["hidden2"])
-        model.load_state_dict(load_file(weights))
-        return model.eval(), json.loads(facts_path.read_text())
+        try:
+            model.load_state_dict(load_file(weights))
+            facts = json.loads(facts_path.read_text())
+            if not (isinstance(facts, dict) and "weak_class" in facts and "base_val_class_acc" in facts):
+                raise ValueError("not a digits base record")
+            return model.eval(), facts
+        except Exception as e:  # noqa: BLE001 - any unreadable cache entry is rebuilt, never trusted
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            warnings.warn(f"corrupt cached digits base {weights.name} / {facts_path.name} in {root} ({first}): "
+                          "rebuilding it", stacklevel=2)
     model = pretrain(splits, **spec)
     val_acc = per_class_accuracy(model, *splits["val"])
     weak = int(np.argmin(val_acc))  # ties: the lowest class index
