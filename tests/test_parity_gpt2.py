@@ -82,6 +82,17 @@ def _same_steps(v, ours, ref, batch, opt_ref, steps=3):
     torch.testing.assert_close(output_of(ours, batch), output_of(ref, batch), **TOL)
 
 
+def _peft_loads_and_merge_equals_unmerged(v, ours, base, batch, tmp_path) -> torch.Tensor:
+    """peft loads the saved adapter onto the untouched base and gives our outputs; merging keeps them."""
+    out = output_of(ours, batch)
+    v.save_adapter(ours, tmp_path)
+    loaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
+    torch.testing.assert_close(output_of(loaded, batch), out, **TOL)
+    v.merge(ours)
+    torch.testing.assert_close(output_of(ours, batch), out, rtol=0, atol=1e-10)
+    return out
+
+
 def _adamw(ref):
     return torch.optim.AdamW([p for p in ref.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
 
@@ -160,12 +171,7 @@ def test_conv1d_merge_equals_unmerged_and_peft_loads_the_adapter(name, tmp_path)
     ours = v.apply(copy.deepcopy(base)).eval()
     _nonzero_b(ours)
     batch = token_batch(num_labels=3)
-    out = output_of(ours, batch)
-    v.save_adapter(ours, tmp_path)
-    loaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
-    torch.testing.assert_close(output_of(loaded, batch), out, **TOL)
-    v.merge(ours)
-    torch.testing.assert_close(output_of(ours, batch), out, rtol=0, atol=1e-10)
+    out = _peft_loads_and_merge_equals_unmerged(v, ours, base, batch, tmp_path)
     v.unmerge(ours)
     torch.testing.assert_close(output_of(ours, batch), out, rtol=0, atol=1e-10)
 
@@ -183,13 +189,7 @@ def test_embedding_lora_matches_peft_and_is_saved_in_its_layout(tmp_path):
     assert isinstance(layer, LoRAEmbedding) and layer.lora_embedding_A.shape == (4, 99)
     batch = token_batch(num_labels=3)
     _same_steps(v, ours, ref, batch, _adamw(ref))
-    ours.eval()
-    out = output_of(ours, batch)
-    v.save_adapter(ours, tmp_path)
-    loaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
-    torch.testing.assert_close(output_of(loaded, batch), out, **TOL)
-    v.merge(ours)
-    torch.testing.assert_close(output_of(ours, batch), out, rtol=0, atol=1e-10)
+    _peft_loads_and_merge_equals_unmerged(v, ours.eval(), base, batch, tmp_path)
 
 
 def test_embedding_count_and_init_start_at_the_base():

@@ -73,7 +73,42 @@ def check_init(init) -> bool:
     return isinstance(init, str) and (init in INITS or re.fullmatch(r"pissa_niter_[1-9]\d*", init) is not None)
 
 
-class LoRALinear(nn.Module):
+class _LowRankUpdate(nn.Module):
+    """What the LoRA layers share: the frozen ``base_layer`` seen through, and merge/unmerge of
+    ``delta_weight()`` (ΔW in the stored weight's layout) into it."""
+
+    merged: bool
+    rank: int
+    scaling: float
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    def delta_weight(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _check_mergeable(self) -> None:
+        """Raise where ΔW cannot be added to the stored weight (a quantized base)."""
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        self._check_mergeable()
+        if not self.merged:
+            self.base_layer.weight += self.delta_weight().to(self.base_layer.weight.dtype)
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged:
+            self.base_layer.weight -= self.delta_weight().to(self.base_layer.weight.dtype)
+            self.merged = False
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, scaling={self.scaling:g}, merged={self.merged}"
+
+
+class LoRALinear(_LowRankUpdate):
     """A frozen ``nn.Linear`` (or transformers ``Conv1D``, or a bitsandbytes 4/8-bit Linear) plus a
     trainable rank-r update; the layer names follow peft's. A: r x in, B: out x r, whatever the layout
     of the base weight (Conv1D stores it transposed: peft's ``fan_in_fan_out``).
@@ -146,10 +181,6 @@ class LoRALinear(nn.Module):
 
     # the wrapped layer still looks like its base to code that inspects it
     @property
-    def weight(self) -> torch.Tensor:
-        return self.base_layer.weight
-
-    @property
     def bias(self) -> torch.Tensor | None:
         return self.base_layer.bias
 
@@ -186,24 +217,8 @@ class LoRALinear(nn.Module):
             raise VariantError(f"cannot merge into a {self.quantized} quantized base weight "
                                "(dequantize the model first)")
 
-    @torch.no_grad()
-    def merge(self) -> None:
-        self._check_mergeable()
-        if not self.merged:
-            self.base_layer.weight += self.delta_weight().to(self.base_layer.weight.dtype)
-            self.merged = True
 
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        if self.merged:
-            self.base_layer.weight -= self.delta_weight().to(self.base_layer.weight.dtype)
-            self.merged = False
-
-    def extra_repr(self) -> str:
-        return f"rank={self.rank}, scaling={self.scaling:g}, merged={self.merged}"
-
-
-class LoRAEmbedding(nn.Module):
+class LoRAEmbedding(_LowRankUpdate):
     """A frozen ``nn.Embedding`` plus a rank-r update of its table, in peft's layout:
     ``lora_embedding_A`` (r x num_embeddings) = 0 and ``lora_embedding_B`` (dim x r) ~ N(0, 1) at init
     (peft's order: A, not B, starts at zero), out = E[x] + s·(A.T[x]) Bᵀ, no dropout (as peft)."""
@@ -220,10 +235,6 @@ class LoRAEmbedding(nn.Module):
         nn.init.normal_(self.lora_embedding_B)
         self.merged = False
 
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base_layer.weight
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
         if self.merged:
@@ -238,21 +249,6 @@ class LoRAEmbedding(nn.Module):
     def delta_weight(self) -> torch.Tensor:
         """ΔE = s·(B A)ᵀ, shaped like the table (num_embeddings x dim)."""
         return (self.lora_embedding_B @ self.lora_embedding_A).T * self.scaling
-
-    @torch.no_grad()
-    def merge(self) -> None:
-        if not self.merged:
-            self.base_layer.weight += self.delta_weight().to(self.base_layer.weight.dtype)
-            self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        if self.merged:
-            self.base_layer.weight -= self.delta_weight().to(self.base_layer.weight.dtype)
-            self.merged = False
-
-    def extra_repr(self) -> str:
-        return f"rank={self.rank}, scaling={self.scaling:g}, merged={self.merged}"
 
 
 def wrap_targets(model: nn.Module, names: list[str], make) -> dict[str, nn.Module]:
