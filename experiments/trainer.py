@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from experiments.resume import SIGNALS, Checkpoint, Interrupted, deferred
 from variants import Variant
 
 if TYPE_CHECKING:
@@ -142,9 +143,39 @@ def total_steps(cfg: OptimConfig, n_train: int) -> int:
     return max(1, math.ceil(cfg.epochs * per_epoch))
 
 
-def _batches(loader: DataLoader) -> Iterator[dict]:
-    while True:  # epochs back to back; the loader's seeded generator makes the order reproducible
-        yield from loader
+class _Batches:
+    """Training batches, epochs back to back; the loader's seeded generator makes the order reproducible.
+    ``state()`` is the generator at the epoch's start and the batches drawn since, enough to resume the
+    exact order (``restore`` replays the epoch's first batches)."""
+
+    def __init__(self, loader: DataLoader, gen: torch.Generator):
+        self.loader, self.gen, self.it, self.epoch_start, self.index = loader, gen, None, None, 0
+
+    def __iter__(self) -> Iterator[dict]:
+        return self
+
+    def __next__(self) -> dict:
+        if self.it is None:
+            self.epoch_start, self.it, self.index = self.gen.get_state(), iter(self.loader), 0
+        try:
+            batch = next(self.it)
+        except StopIteration:
+            self.it = None
+            return next(self)
+        self.index += 1
+        return batch
+
+    def state(self) -> dict:
+        return {"epoch_start": self.epoch_start, "index": self.index}
+
+    def restore(self, state: dict) -> None:
+        if state["epoch_start"] is None:
+            return
+        self.gen.set_state(state["epoch_start"])
+        self.epoch_start, self.it = state["epoch_start"], iter(self.loader)
+        for _ in range(state["index"]):
+            next(self.it)
+        self.index = state["index"]
 
 
 def to_device(batch, device):
@@ -220,9 +251,12 @@ class PeakMemory:
 
 def fit(model: nn.Module, variant: Variant, data: Task, cfg: OptimConfig, *, seed: int = 0,
         device: str | torch.device = "auto", bf16: bool = False, progress: bool | None = None,
-        log: Callable[[dict, int], None] | None = None) -> dict:
+        log: Callable[[dict, int], None] | None = None, checkpoint: Checkpoint | None = None) -> dict:
     """Train ``model`` (already adapted by ``variant``) on the task ``data`` (its splits, loss and metrics)
-    and evaluate it. Returns metrics, history, cost."""
+    and evaluate it. Returns metrics, history, cost (and ``resumed_from``, the step a checkpoint gave).
+
+    With ``checkpoint``, training resumes from its state when there is one, saves it every
+    ``checkpoint.every`` steps, and saves it before stopping on SIGINT/SIGTERM (``resume.Interrupted``)."""
     cfg.validate()
     device = pick_device(device) if isinstance(device, str) else device
     model.to(device)
@@ -255,57 +289,91 @@ def fit(model: nn.Module, variant: Variant, data: Task, cfg: OptimConfig, *, see
     history, best, best_state = [], None, None
     step_times: list[float] = []
     gradient_bytes = 0
-    batches = _batches(train_loader)
+    batches = _Batches(train_loader, gen)
+    start, train_time_before = 0, 0.0
+
+    def snapshot(done: int) -> dict:  # everything the loop carries from one step to the next
+        return {"step": done, "trainable": {n: p.detach() for n, p in model.named_parameters() if p.requires_grad},
+                "buffers": dict(model.named_buffers()), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                "variant": variant.state_dict(), "batches": batches.state(), "rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else [],
+                "history": history, "step_times": step_times, "best": best, "best_state": best_state,
+                "gradient_bytes": gradient_bytes, "peaks": memory.peaks,
+                "train_time": train_time_before + time.perf_counter() - t_start}
+
+    saved = checkpoint.load() if checkpoint is not None else None
+    if saved is not None:
+        start = saved["step"]
+        _restore(model, saved)
+        opt.load_state_dict(saved["optimizer"])
+        sched.load_state_dict(saved["scheduler"])
+        variant.load_state_dict(saved["variant"])
+        batches.restore(saved["batches"])
+        torch.set_rng_state(saved["rng"])
+        if device.type == "cuda" and saved["cuda_rng"]:
+            torch.cuda.set_rng_state_all(saved["cuda_rng"])
+        history, step_times = saved["history"], saved["step_times"]
+        best, best_state = saved["best"], saved["best_state"]
+        gradient_bytes, memory.peaks, train_time_before = saved["gradient_bytes"], saved["peaks"], saved["train_time"]
+        print(f"[lorabench] resuming from step {start} of {steps} ({checkpoint.path})")
     show = _show_progress() if progress is None else progress
     bar = _progress(steps, show)
+    bar.update(start)
     model.train()
     memory.switch("train")  # the training window: model, data and optimizer exist; evaluations are apart
     t_start = time.perf_counter()
-    for step in range(steps):
-        t0 = time.perf_counter()
-        task_sum = extra_sum = 0.0
-        for _ in range(cfg.grad_accum):
-            batch = to_device(next(batches), device)
-            with _autocast(device, bf16):
-                task_loss = data.loss(model, batch)
-                extra = variant.extra_loss(model)  # e.g. AdaLoRA's orthogonality penalty; 0 for most
-                loss = task_loss + extra
-            if not torch.isfinite(loss):
-                raise NonFiniteLoss(step + 1, loss.item())  # 1-based, as in the history
-            (loss / cfg.grad_accum).backward()
-            task_sum += task_loss.item() / cfg.grad_accum
-            extra_sum += float(extra.detach() if torch.is_tensor(extra) else extra) / cfg.grad_accum
-        if step == 0:  # what the gradients occupy (GaLore: full-size, the projection happens in the optimizer)
-            gradient_bytes = sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None)
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        opt.step()
-        sched.step()
-        variant.after_step(model, step, steps)  # gradients are still present here (AdaLoRA needs them)
-        opt.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        step_times.append(time.perf_counter() - t0)
-        lr = opt.param_groups[0]["lr"]
-        bar.update(1)
-        bar.set_postfix(loss=f"{task_sum:.4f}", it_s=f"{1 / max(step_times[-1], 1e-9):.2f}")
-        # the task loss is what compares across variants; a variant's own penalty is logged beside it
-        entry = {"step": step + 1, "loss": task_sum, **({"extra_loss": extra_sum} if extra_sum else {})}
-        if (step + 1) % cfg.log_every == 0 or step + 1 == steps:
-            log({"train/loss": task_sum, "train/lr": lr, **({"train/extra_loss": extra_sum} if extra_sum else {})},
-                step + 1)
-        if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < steps:
-            val = evaluate(data.val)
-            entry.update({f"val_{k}": v for k, v in val.items()})
-            log({f"val/{k}": v for k, v in val.items()}, step + 1)
-            # only a state the variant may end in is a candidate (AdaLoRA: once its rank pattern is final)
-            if cfg.select_best and variant.can_restore() and _better(val[data.main_metric], best,
-                                                                     data.higher_is_better):
-                best = val[data.main_metric]
-                best_state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-        history.append(entry)
+    for step in range(start, steps):
+        with deferred():  # a signal now waits for the end of this step
+            t0 = time.perf_counter()
+            task_sum = extra_sum = 0.0
+            for _ in range(cfg.grad_accum):
+                batch = to_device(next(batches), device)
+                with _autocast(device, bf16):
+                    task_loss = data.loss(model, batch)
+                    extra = variant.extra_loss(model)  # e.g. AdaLoRA's orthogonality penalty; 0 for most
+                    loss = task_loss + extra
+                if not torch.isfinite(loss):
+                    raise NonFiniteLoss(step + 1, loss.item())  # 1-based, as in the history
+                (loss / cfg.grad_accum).backward()
+                task_sum += task_loss.item() / cfg.grad_accum
+                extra_sum += float(extra.detach() if torch.is_tensor(extra) else extra) / cfg.grad_accum
+            if step == 0:  # what the gradients occupy (GaLore: full-size, the projection happens in the optimizer)
+                gradient_bytes = sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None)
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            opt.step()
+            sched.step()
+            variant.after_step(model, step, steps)  # gradients are still present here (AdaLoRA needs them)
+            opt.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            step_times.append(time.perf_counter() - t0)
+            lr = opt.param_groups[0]["lr"]
+            bar.update(1)
+            bar.set_postfix(loss=f"{task_sum:.4f}", it_s=f"{1 / max(step_times[-1], 1e-9):.2f}")
+            # the task loss is what compares across variants; a variant's own penalty is logged beside it
+            entry = {"step": step + 1, "loss": task_sum, **({"extra_loss": extra_sum} if extra_sum else {})}
+            if (step + 1) % cfg.log_every == 0 or step + 1 == steps:
+                log({"train/loss": task_sum, "train/lr": lr, **({"train/extra_loss": extra_sum} if extra_sum else {})},
+                    step + 1)
+            if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < steps:
+                val = evaluate(data.val)
+                entry.update({f"val_{k}": v for k, v in val.items()})
+                log({f"val/{k}": v for k, v in val.items()}, step + 1)
+                # only a state the variant may end in is a candidate (AdaLoRA: once its rank pattern is final)
+                if cfg.select_best and variant.can_restore() and _better(val[data.main_metric], best,
+                                                                         data.higher_is_better):
+                    best = val[data.main_metric]
+                    best_state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+            history.append(entry)
+        stop = SIGNALS.pending
+        if checkpoint is not None and (checkpoint.due(step + 1) and step + 1 < steps or stop and checkpoint.every):
+            checkpoint.save(snapshot(step + 1))
+        if stop:
+            bar.close()
+            raise Interrupted(stop, step + 1)
     bar.close()
-    train_time = time.perf_counter() - t_start
+    train_time = train_time_before + time.perf_counter() - t_start
     memory.switch(None)  # the training window closes before the final evaluation
     val = evaluate(data.val)
     if cfg.select_best and best_state is not None and not _better(val[data.main_metric], best,
@@ -324,7 +392,20 @@ def fit(model: nn.Module, variant: Variant, data: Task, cfg: OptimConfig, *, see
                 eval_peak_memory_bytes=memory.peaks.get("eval"), train_time_s=train_time,
                 step_time_ms=1000 * float(np.mean(warm)), step_time_median_ms=1000 * float(np.median(warm)),
                 steps=steps)
-    return {"metrics": {"val": val, "test": test}, "history": _compact(history), "cost": cost}
+    return {"metrics": {"val": val, "test": test}, "history": _compact(history), "cost": cost,
+            "resumed_from": start or None}
+
+
+@torch.no_grad()
+def _restore(model: nn.Module, saved: dict) -> None:
+    """A checkpoint's trainable weights and buffers into the (identically rebuilt) model."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    buffers = dict(model.named_buffers())
+    if set(params) != set(saved["trainable"]) or set(buffers) != set(saved["buffers"]):
+        raise ValueError("the checkpoint does not fit this model (other trainable weights): delete it, or force=true")
+    for group, values in ((params, saved["trainable"]), (buffers, saved["buffers"])):
+        for n, t in group.items():
+            t.copy_(values[n])
 
 
 def _better(value, best, higher) -> bool:

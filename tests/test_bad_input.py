@@ -34,6 +34,7 @@ CASES = [  # (arguments, a fragment of the one line)
     (["device=foo"], "device='foo'"), (["device=cuda:7"], "device='cuda:7'"), (["bf16=abc"], "bf16='abc'"),
     (["results_dir="], "results_dir=''"), (["results_dir=/proc/lorabench"], "results_dir='/proc/lorabench'"),
     (["cache_dir=/proc/lorabench"], "cache_dir='/proc/lorabench'"), (["experiment=nope"], "unknown experiment"),
+    (["checkpoint_every=-1"], "checkpoint_every=-1"), (["checkpoint_every=abc"], "checkpoint_every='abc'"),
     (["model.quantize=nf4"], "model.quantize=nf4: task 'synthetic'"), (["model.quantize=nope"], "model.quantize"),
     # variant
     (["variant=nope"], "unknown variant 'nope'"), (["variant.rank=0"], "rank=0"), (["variant.rank=1.5"], "rank=1.5"),

@@ -174,11 +174,17 @@ class RankAllocator:
 
     PARAMS = ("lora_A", "lora_B", "lora_E")
 
-    def __init__(self, layers: dict[str, AdaLoRALinear], target_rank: int, beta1: float, beta2: float):
+    def __init__(self, ranks: dict[str, int], target_rank: int, beta1: float, beta2: float):
         self.beta1, self.beta2 = beta1, beta2
-        self.init_budget = sum(layer.rank for layer in layers.values())
-        self.target_budget = target_rank * len(layers)
+        self.init_budget = sum(ranks.values())  # the initial rank of each adapted layer, by name
+        self.target_budget = target_rank * len(ranks)
         self.reset()
+
+    def state_dict(self) -> dict:
+        return {"ipt": self.ipt, "ema_ipt": self.ema_ipt, "ema_unc": self.ema_unc}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.ipt, self.ema_ipt, self.ema_unc = dict(state["ipt"]), dict(state["ema_ipt"]), dict(state["ema_unc"])
 
     def reset(self) -> None:
         self.ipt: dict[str, torch.Tensor] = {}  # I = |w · ∂L/∂w|, the latest sensitivity
@@ -286,7 +292,7 @@ class AdaLoRA(LoRA):
         if not layers:
             raise VariantError("adalora: after_step found no AdaLoRA layer in the model (apply() it first)")
         if self.allocator is None:
-            self.allocator = RankAllocator(layers, self.cfg.rank, self.cfg.beta1, self.cfg.beta2)
+            self.allocator = self._new_allocator()
         self.total_steps = total_steps
         end = total_steps - tfinal  # the step at which the rank pattern becomes final
         alloc = self.allocator
@@ -307,6 +313,24 @@ class AdaLoRA(LoRA):
         else:  # final fine-tuning: keep the pruned singular values at zero
             self.budget = alloc.target_budget
             self._apply_pattern(layers)
+
+    _STATE = ("rank_pattern", "last_scores", "budget", "final", "total_steps", "budgets")
+
+    def _new_allocator(self) -> RankAllocator:
+        return RankAllocator(self._layer_ranks, self.cfg.rank, self.cfg.beta1, self.cfg.beta2)
+
+    def state_dict(self) -> dict:
+        return {**{k: getattr(self, k) for k in self._STATE},
+                "allocator": None if self.allocator is None else self.allocator.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        for k in self._STATE:
+            setattr(self, k, state[k])
+        self.budgets = [tuple(b) for b in self.budgets]
+        self.allocator = None
+        if state["allocator"] is not None:
+            self.allocator = self._new_allocator()
+            self.allocator.load_state_dict(state["allocator"])
 
     @torch.no_grad()
     def _mask_to_budget(self, layers: dict[str, AdaLoRALinear], budget: int) -> None:

@@ -225,6 +225,14 @@ class Variant:
     def after_step(self, model: nn.Module, step: int, total_steps: int) -> None:
         """Runs after optimizer.step(), before zero_grad() (gradients still present)."""
 
+    def state_dict(self) -> dict:
+        """The method's own state between steps, beyond the weights and the optimizer (AdaLoRA's importance
+        averages and rank pattern): saved in a training checkpoint, tensors and plain Python values only."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore ``state_dict()`` (resuming from a checkpoint, after ``apply``)."""
+
     def check_steps(self, total_steps: int) -> None:
         """Raise ``VariantError`` if the method cannot run for ``total_steps`` steps (AdaLoRA: its budget
         schedule must fit); called before training starts, so a bad schedule is a config error."""

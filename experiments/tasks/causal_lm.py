@@ -24,7 +24,8 @@ token into one stream, and the stream is cut into consecutive, non-overlapping b
 tokens (the remainder is dropped). Every block is full, so no padding and no masking is needed; ``labels``
 equal ``input_ids`` (the model shifts them). Token streams and the base model's perplexities are cached
 under ``cache_dir`` (written atomically: parallel sweep jobs may race), so a sweep tokenises and scores the
-base once.
+base once; a cache file that does not read back whole (or not as what its name promises) is rebuilt with a
+warning naming it.
 """
 
 from __future__ import annotations
@@ -36,11 +37,12 @@ import math
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from experiments import assets
+from experiments import assets, files
 from experiments.files import atomic_write
 from experiments.hub import (
     Hub,
@@ -165,21 +167,51 @@ def token_streams(pools: dict[str, list[str]], tok, cache_dir: str, label: str) 
     """Each pool as one token stream (documents joined by EOS), cached on disk; and the data fingerprint.
 
     The cache key is the text and the tokenizer; blocks are cut after loading, so every ``seq_len`` shares
-    one file.
+    one file. The file carries a sha256 of its streams (metadata ``sha256``), checked on loading.
     """
     data_fp = text_fingerprint(pools)
     key = hashlib.sha256(f"{data_fp}|{tokenizer_fingerprint(tok)}".encode()).hexdigest()[:16]
     path = Path(cache_dir).expanduser() / "causal_lm" / f"tokens-{label}-{key}.safetensors"
     if path.exists():
-        return {k: v.long() for k, v in load_file(path).items()}, data_fp
+        streams = _cached_streams(path, set(pools), tok)
+        if streams is not None:
+            return {k: v.long() for k, v in streams.items()}, data_fp
     streams = {}
     for pool, docs in pools.items():
         # verbose=False: whole novels are far longer than the model's context; that is expected here
         ids = tok(list(docs), add_special_tokens=False, verbose=False)["input_ids"]
         flat = [t for doc in ids for t in [*doc, tok.eos_token_id]]
         streams[pool] = torch.tensor(flat, dtype=torch.int32)  # vocabularies fit int32: half the disk
-    atomic_write(path, lambda tmp: save_file(streams, str(tmp)))
+    atomic_write(path, lambda tmp: save_file(streams, str(tmp), metadata={"sha256": streams_sha(streams)}))
     return {k: v.long() for k, v in streams.items()}, data_fp
+
+
+def streams_sha(streams: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(streams):
+        h.update(f"<{name}:{len(streams[name])}>".encode())
+        h.update(streams[name].numpy().tobytes())
+    return h.hexdigest()
+
+
+def _cached_streams(path: Path, pools: set[str], tok) -> dict | None:
+    """The cached int32 streams, or None (with a warning naming the file) when the file does not load, holds
+    other pools, or fails its checksum. Files from before the checksum are checked by shape: 1-d int32 streams,
+    each ending in EOS."""
+    try:
+        with safe_open(path, "pt") as f:
+            stored, streams = (f.metadata() or {}).get("sha256"), {k: f.get_tensor(k) for k in f.keys()}
+        if set(streams) != pools:
+            raise ValueError(f"pools {sorted(streams)}, expected {sorted(pools)}")
+        if stored is not None and stored != streams_sha(streams):
+            raise ValueError("checksum mismatch")
+        for name, t in streams.items():
+            if t.dtype != torch.int32 or t.dim() != 1 or (len(t) and t[-1] != tok.eos_token_id):
+                raise ValueError(f"pool {name!r} is not a stream of token ids ending in EOS")
+    except Exception as e:  # noqa: BLE001 - any unreadable cache entry is rebuilt, never trusted
+        files.warn_corrupt(path, e, "token cache")
+        return None
+    return streams
 
 
 def blocks(stream: torch.Tensor, seq_len: int) -> torch.Tensor:
@@ -254,7 +286,17 @@ def base_perplexity(model: nn.Module, split: torch.Tensor, model_fp: str, cache_
     key = hashlib.sha256(f"{model_fp}|{blocks_fp}|{tuple(split.shape)}|{device.type}|{EVAL_TOKENS}".encode())
     path = Path(cache_dir).expanduser() / "causal_lm" / f"base-{key.hexdigest()[:16]}.json"
     if path.exists():
-        return json.loads(path.read_text())["metrics"]
+        try:
+            record = json.loads(path.read_text())
+            metrics = record["metrics"]
+            if [record["model"], record["blocks"], record["shape"]] != [model_fp, blocks_fp, list(split.shape)]:
+                raise ValueError("a record for other weights or blocks")
+            ppl, nll = metrics["perplexity"], metrics["nll"]
+            if not (type(ppl) is type(nll) is float and math.isfinite(nll) and math.isclose(ppl, math.exp(nll))):
+                raise ValueError(f"perplexity {ppl!r} is not exp(nll {nll!r})")
+            return metrics
+        except Exception as e:  # noqa: BLE001 - any unreadable cache entry is rebuilt, never trusted
+            files.warn_corrupt(path, e, "base-perplexity cache")
     model.to(device)
     with torch.inference_mode():
         metrics = perplexity(model, _fixed_batches(split, device))
@@ -299,15 +341,18 @@ def build(model: str = SMOLLM2, dataset: str = "austen", forget_dataset: str | N
     from_hub = model_hub_names(model) + ["dataset openai/gsm8k"] * (dataset == "gsm8k")
     hub = Hub.connect(from_hub, instead="task=lm") if from_hub else None  # unreachable: fail before any work
 
-    # the tokenizer and data first: they are cheap and, for hub configs, the likeliest to be missing
+    # the data first, then the tokenizer: both are cheap and the likeliest to be missing, and a missing assets
+    # directory must be one line before SmolLM2 is converted (the tokenizer comes from the converted folder)
+    pools = text_pools(dataset, assets_dir, hub)
+    forget_docs = None if forget_dataset is None else forget_pool(forget_dataset)
     tok = load_tokenizer(model, assets_dir, hub)
-    streams, data_fp = token_streams(text_pools(dataset, assets_dir, hub), tok, cache_dir, dataset)
+    streams, data_fp = token_streams(pools, tok, cache_dir, dataset)
     info = {"dataset": dataset}
     if dataset == "austen":
         info["heldout_novels"] = list(AUSTEN_HELDOUT)
     forget = None
-    if forget_dataset is not None:
-        f_streams, f_fp = token_streams({"all": forget_pool(forget_dataset)}, tok, cache_dir, forget_dataset)
+    if forget_docs is not None:
+        f_streams, f_fp = token_streams({"all": forget_docs}, tok, cache_dir, forget_dataset)
         forget = {"name": forget_dataset, "fingerprint": f_fp, "stream": f_streams["all"], "n": n_forget}
     return lm_task(model=model, tok=tok, streams=streams, data_fp=data_fp, info=info, seq_len=seq_len,
                    sizes={"n_train": n_train, "n_val": n_val, "n_test": n_test}, data_seed=data_seed,

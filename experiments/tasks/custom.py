@@ -28,11 +28,12 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from experiments import assets
+from experiments import assets, files
 from experiments.hub import Hub, Loading, looks_like_path, quiet
 from experiments.tasks import Task, TaskError, causal_lm, register_task
 from experiments.tasks import text_classification as tc
@@ -67,7 +68,6 @@ def is_local(data: str) -> bool:
 def load_splits(data: str, option: str, cache_dir: str, *, config: str | None = None, hub: Hub | None = None):
     """``datasets.DatasetDict`` of ``data`` (a local file: one split, ``train``). Local files are cached
     (as Arrow) under ``cache_dir``; a hub data set goes through ``hub`` (and the Hugging Face cache)."""
-    import datasets
 
     def read(fn, what: str):
         try:
@@ -83,18 +83,48 @@ def load_splits(data: str, option: str, cache_dir: str, *, config: str | None = 
         if not path.exists():
             raise TaskError(f"invalid option {option}={data!r}: no such file or directory")
         if path.is_dir():
-            return read(lambda: datasets.load_dataset(str(path), name=config, cache_dir=cache), "a data set directory")
+            return read(lambda: _load_local(cache, str(path), name=config), "a data set directory")
         fmt = _suffix(path)
         if fmt not in FORMATS:
             raise TaskError(f"invalid option {option}={data!r}: unknown file type {fmt or '(none)'!r} (expected "
                             f"{', '.join(FORMATS)}, optionally compressed: {', '.join(COMPRESSION)})")
         builder, kw = FORMATS[fmt]
-        return read(lambda: datasets.load_dataset(builder, data_files={"train": str(path)}, cache_dir=cache, **kw),
-                    fmt.lstrip("."))
+        return read(lambda: _load_local(cache, builder, data_files={"train": str(path)}, **kw), fmt.lstrip("."))
     if hub is None:
         raise TaskError(f"invalid option {option}={data!r}: no such file, and the hub is not in use here")
     # a hub data set: missing or unreachable is the Hub's one AssetError line
     return hub.load(lambda: _load_hub(data, config))
+
+
+def _load_local(cache: str, *args, **kw):
+    """``datasets.load_dataset(*args, cache_dir=cache, **kw)``. ``datasets`` trusts its Arrow copy of a local
+    file: a truncated or overwritten one fails every later load (and would read as the user's file being
+    bad). So on a failure with a cached copy present, the copy is removed, with a warning naming it, and
+    the file is read again once; a failure then is the file's own."""
+    import datasets
+
+    try:
+        return datasets.load_dataset(*args, cache_dir=cache, **kw)
+    except Exception as e:
+        copy = _cached_copy(cache, *args, **kw)
+        if copy is None or not copy.exists():
+            raise
+        files.warn_corrupt(copy, e, "datasets cache")
+    files.discard(copy)
+    return datasets.load_dataset(*args, cache_dir=cache, **kw)
+
+
+def _cached_copy(cache: str, *args, **kw) -> Path | None:
+    """Where ``datasets`` keeps its Arrow copy under ``cache``: the same builder on an empty cache root gives
+    the relative path (the real root's builder may not even construct, its dataset_info.json being corrupt)."""
+    import datasets
+
+    try:
+        with tempfile.TemporaryDirectory() as scratch, quiet():
+            return Path(cache) / Path(datasets.load_dataset_builder(*args, cache_dir=scratch, **kw).cache_dir
+                                      ).relative_to(scratch)
+    except Exception:  # noqa: BLE001 - no builder: the load's own error is the one to report
+        return None
 
 
 def _load_hub(data: str, config: str | None):
@@ -282,7 +312,6 @@ def build_lm(data: str | None = None, data_config: str | None = None, train_spli
     hub = _hub_for(data, causal_lm.model_hub_names(model) + [f"data set {test_file}"] * (
         test_file is not None and not is_local(test_file)), instead="a local file (task.data=path/to/text.csv)")
 
-    tok = causal_lm.load_tokenizer(model, assets_dir, hub)
     dd = load_splits(data, "task.data", cache_dir, config=data_config, hub=hub)
     train_ds = pick_split(dd, train_split, "task.train_split", data)
     columns(train_ds, {"task.text_column": text_column}, data)
@@ -305,6 +334,8 @@ def build_lm(data: str | None = None, data_config: str | None = None, train_spli
             raise TaskError(f"invalid option task.data={data!r}: no {what} documents (non-empty texts in column "
                             f"{text_column!r}: {len(docs):,}; give more rows or another task.heldout_frac)")
     label = "custom-" + hashlib.sha256(data.encode()).hexdigest()[:8]
+    # the tokenizer after the data: bad data is one line before SmolLM2 is converted
+    tok = causal_lm.load_tokenizer(model, assets_dir, hub)
     streams, data_fp = causal_lm.token_streams(pools, tok, cache_dir, label)
     info = {"data": data, **({"data_config": data_config} if data_config else {}), "text_column": text_column,
             "heldout": heldout, "documents": {k: len(v) for k, v in pools.items()}}

@@ -18,7 +18,8 @@ subsets of them (``null``: all), so changing ``n_train`` never changes the test 
 duplicate texts are dropped from the pool that train/val (and a carved test) come from, and so are pool rows
 whose text is also in a given test split: no example is both trained on and scored. ``Task.info`` records
 sha256 fingerprints of the data and of every split, their sizes and label balance. Tokenised splits are
-cached under ``cache_dir``, keyed by the split's fingerprint, the tokenizer's content and ``max_length``;
+cached under ``cache_dir``, keyed by the split's fingerprint, the tokenizer's content and ``max_length``
+(with a sha256 of each saved file, checked on loading: a corrupt entry is rebuilt with a warning naming it);
 batches are padded per batch.
 
 Metrics: ``accuracy`` (the main metric) and ``macro_f1`` (the mean of per-class F1, as scikit-learn's
@@ -37,7 +38,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from experiments import assets
+from experiments import assets, files
 from experiments.files import atomic_dir
 from experiments.hub import (
     Hub,
@@ -161,6 +162,9 @@ def tokenize(dataset, tokenizer, max_length: int, text_columns: tuple[str, ...],
     return dataset.map(encode, batched=True, remove_columns=dataset.column_names, new_fingerprint=fingerprint)
 
 
+CHECKSUMS = "lorabench-sha256.json"  # {file: sha256} of a saved token folder, written beside the Arrow files
+
+
 def cached_tokens(df, tokenizer, max_length: int, text_columns, cache_dir, split_sha: str,
                   tokenizer_sha: str | None = None):
     """Tokenise once per (split, tokenizer, max_length); later builds load the saved dataset.
@@ -173,13 +177,48 @@ def cached_tokens(df, tokenizer, max_length: int, text_columns, cache_dir, split
     root = Path(cache_dir).expanduser() / "text_classification"
     path = root / key[:32]
     if path.exists():
-        return datasets.load_from_disk(str(path))
+        cached = _cached_tokens(path, len(df))
+        if cached is not None:
+            return cached
+        files.discard(path)  # atomic_dir keeps what is there: the corrupt folder goes first
     table = datasets.Dataset.from_pandas(df[[*text_columns, "label"]].reset_index(drop=True), preserve_index=False)
+
+    def save(tmp: Path) -> None:
+        tokens.save_to_disk(str(tmp))
+        (tmp / CHECKSUMS).write_text(json.dumps(file_shas(tmp), indent=1))
+
     with quiet():
         tokens = tokenize(table, tokenizer, max_length, tuple(text_columns), key[:32])
         # parallel sweep jobs may tokenise the same split at once: the first folder renamed into place wins
-        atomic_dir(path, lambda tmp: tokens.save_to_disk(str(tmp)))
+        atomic_dir(path, save)
     return datasets.load_from_disk(str(path))
+
+
+def file_shas(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())
+            if p.is_file() and p.name != CHECKSUMS}
+
+
+def _cached_tokens(path: Path, n_rows: int):
+    """The saved dataset, or None (with a warning naming the folder and the bad file) when a file fails its
+    checksum (folders from before the checksums have none), it does not load, or it is not ``n_rows`` rows of
+    token ids and labels."""
+    import datasets
+
+    try:
+        sums = path / CHECKSUMS
+        if sums.exists():
+            want, have = json.loads(sums.read_text()), file_shas(path)
+            bad = sorted(name for name in {*want, *have} if want.get(name) != have.get(name))
+            if bad:
+                raise ValueError(f"checksum mismatch: {', '.join(bad)}")
+        ds = datasets.load_from_disk(str(path))
+        if len(ds) != n_rows or not {"input_ids", "attention_mask", "labels"} <= set(ds.column_names):
+            raise ValueError(f"{len(ds)} rows of {ds.column_names}, expected {n_rows} of token ids and labels")
+    except Exception as e:  # noqa: BLE001 - any unreadable cache entry is rebuilt, never trusted
+        files.warn_corrupt(path, e, "token cache")
+        return None
+    return ds
 
 
 def pad_batch(rows: list[dict], pad_id: int) -> dict:
