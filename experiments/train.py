@@ -123,6 +123,10 @@ def claim_dir(option: str, path: str) -> None:
     """Create ``path`` (and ``runs/`` below a results directory) and prove it writable, before any training:
     one ConfigError line for a path that is a file, lies below one, or cannot be written."""
     target = Path(path) / "runs" if option == "results_dir" else Path(path)
+    blocker = next((p for p in [Path(path), *Path(path).parents] if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        where = "it is a file" if blocker == Path(path) else f"it lies below the file {blocker}"
+        raise ConfigError(f"invalid option {option}={path!r}: cannot write there ({where})")
     try:
         target.mkdir(parents=True, exist_ok=True)
         probe = target / f".lorabench-write-test-{os.getpid()}"

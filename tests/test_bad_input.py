@@ -71,6 +71,51 @@ def test_bad_input_is_one_error_line_exit_2_and_nothing_written(args, fragment, 
     assert not results.exists() or not any(results.rglob("*.json")), sorted(results.rglob("*"))
 
 
+@pytest.mark.parametrize("where", ["a file", "below a file", "cache below a file"])
+def test_a_directory_option_that_is_a_file_or_lies_below_one_is_one_line(where, tmp_path, monkeypatch, capsys):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("")
+    option, path, why = {"a file": ("results_dir", blocker, "(it is a file)"),
+                         "below a file": ("results_dir", blocker / "results", f"(it lies below the file {blocker})"),
+                         "cache below a file": ("cache_dir", blocker / "cache", f"(it lies below the file {blocker})")
+                         }[where]
+    results = tmp_path / "results" if option == "cache_dir" else path
+    code = cli([f"{option}={path}", *([f"results_dir={results}"] if option == "cache_dir" else []),
+                "logger=none"], monkeypatch)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith(f"error: invalid option {option}=") and why in err[0], err
+    assert not any(tmp_path.rglob("*.json"))
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA")
+def test_device_cuda_without_cuda_is_one_line(tmp_path, monkeypatch, capsys):
+    code = cli(["device=cuda", f"results_dir={tmp_path}", "logger=none"], monkeypatch)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err == ["error: invalid option device='cuda': this machine has no CUDA device "
+                                 "(device=auto or cpu)"]
+    assert not any(tmp_path.rglob("*"))
+
+
+def test_tilde_and_variables_in_the_results_dir_are_expanded(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("LORABENCH_RESULTS", "~/res")
+    monkeypatch.setenv("SUB", "sub")
+    cfg = _synthetic_cfg(tmp_path)
+    record = train.run({**cfg, "cache_dir": "$HOME/cache/${SUB}"})
+    assert record["status"] == "ok"
+    assert (tmp_path / "home" / "res" / "runs" / f"{record['run_id']}.json").exists()
+    assert (tmp_path / "home" / "cache" / "sub").is_dir() and not (tmp_path / "~").exists()
+
+
+def _synthetic_cfg(tmp_path):
+    from conftest import CONF
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):  # results_dir from LORABENCH_RESULTS
+        return OmegaConf.to_container(compose("train", overrides=["logger=none", "optim.max_steps=3"]), resolve=True)
+
+
 def test_there_are_at_least_forty_cases():
     assert len(CASES) >= 40
 
