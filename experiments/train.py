@@ -104,7 +104,7 @@ def _top_level(cfg: dict) -> None:
     if not (isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < 2**32):
         raise ConfigError(f"invalid option seed={seed!r}: expected an integer in [0, 2^32)")
     pick_device(str(cfg.get("device", "auto")))
-    for key in ("bf16", "force", "save_adapter"):
+    for key in ("bf16", "force", "save_adapter", "eval_merged"):
         if not isinstance(cfg.get(key, False), bool):
             raise ConfigError(f"invalid option {key}={cfg[key]!r}: expected true or false")
     every = cfg.get("checkpoint_every", 0)
@@ -156,7 +156,8 @@ def check(cfg: dict) -> tuple[tasks.TaskSpec, variants.Variant]:
         raise ConfigError(f"invalid option model.{bad}={value}: task {spec.name!r} does not load a pretrained "
                           f"transformers model (the tasks that do: {able})")
     variant = _variant(cfg, spec)
-    _optim(cfg)
+    optim = _optim(cfg)
+    variant.check_optim(optim.grad_clip, optim.grad_accum)
     return spec, variant
 
 
@@ -277,7 +278,8 @@ def _train(cfg, task, variant, model, record, wb) -> None:
         checkpoint.remove()  # force: from the start
     try:
         result = fit(model, variant, task, _optim(cfg), seed=cfg["seed"], device=record["env"]["device"],
-                     bf16=cfg.get("bf16", False), progress=cfg.get("progress"), log=wb.log, checkpoint=checkpoint)
+                     bf16=cfg.get("bf16", False), progress=cfg.get("progress"), log=wb.log, checkpoint=checkpoint,
+                     eval_merged=cfg.get("eval_merged", False))
         record.update(result, status="ok")
         state = variant.summary(model)
         if state is not None:

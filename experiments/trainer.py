@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import random
@@ -251,9 +252,13 @@ class PeakMemory:
 
 def fit(model: nn.Module, variant: Variant, data: Task, cfg: OptimConfig, *, seed: int = 0,
         device: str | torch.device = "auto", bf16: bool = False, progress: bool | None = None,
-        log: Callable[[dict, int], None] | None = None, checkpoint: Checkpoint | None = None) -> dict:
+        log: Callable[[dict, int], None] | None = None, checkpoint: Checkpoint | None = None,
+        eval_merged: bool = False) -> dict:
     """Train ``model`` (already adapted by ``variant``) on the task ``data`` (its splits, loss and metrics)
     and evaluate it. Returns metrics, history, cost (and ``resumed_from``, the step a checkpoint gave).
+
+    ``eval_merged``: evaluate with the adapter merged into the frozen weights where the method can
+    (``Variant.merged_for_eval``; the weights are restored exactly after each evaluation).
 
     With ``checkpoint``, training resumes from its state when there is one, saves it every
     ``checkpoint.every`` steps, and saves it before stopping on SIGINT/SIGTERM (``resume.Interrupted``)."""
@@ -266,14 +271,17 @@ def fit(model: nn.Module, variant: Variant, data: Task, cfg: OptimConfig, *, see
     train_loader = DataLoader(data.train, batch_size=cfg.batch_size, shuffle=True, generator=gen,
                               collate_fn=data.collate, drop_last=len(data.train) > cfg.batch_size)
     memory = PeakMemory(device)
+    merging = variant.merged_for_eval if eval_merged else lambda model: contextlib.nullcontext(False)
+    evaluated_merged: list[bool] = []
 
     def evaluate(split) -> dict:
         resume = memory.current
         memory.switch("eval")
         loader = DataLoader(split, batch_size=cfg.eval_batch_size, collate_fn=data.collate)
         model.eval()
-        with torch.inference_mode(), _autocast(device, bf16):
+        with merging(model) as merged, torch.inference_mode(), _autocast(device, bf16):
             metrics = data.evaluate(model, _Moved(loader, device))
+        evaluated_merged.append(merged)
         model.train()
         memory.switch(resume)
         undeclared = sorted(set(metrics) - set(data.directions))
@@ -282,6 +290,7 @@ def fit(model: nn.Module, variant: Variant, data: Task, cfg: OptimConfig, *, see
         return {k: float(v) for k, v in metrics.items()}
 
     steps = total_steps(cfg, len(data.train))
+    variant.check_optim(cfg.grad_clip, cfg.grad_accum)
     opt = variant.optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.betas),
                             eps=cfg.eps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.schedule, int(cfg.warmup_ratio * steps), steps))
@@ -393,7 +402,7 @@ def fit(model: nn.Module, variant: Variant, data: Task, cfg: OptimConfig, *, see
                 step_time_ms=1000 * float(np.mean(warm)), step_time_median_ms=1000 * float(np.median(warm)),
                 steps=steps)
     return {"metrics": {"val": val, "test": test}, "history": _compact(history), "cost": cost,
-            "resumed_from": start or None}
+            "resumed_from": start or None, "eval_merged": bool(evaluated_merged) and all(evaluated_merged)}
 
 
 @torch.no_grad()

@@ -43,7 +43,9 @@ CASES = [  # (arguments, a fragment of the one line)
     (["variant.targets=nope"], "nope"), (["variant.init=nope"], "init='nope'"), (["variant.nope=1"], "variant.nope"),
     (["variant=adalora", "variant.tinit=30", "variant.tfinal=20", "optim.max_steps=40"], "tinit=30"),
     (["variant=lora_plus", "variant.ratio=0"], "ratio=0"), (["variant=galore", "variant.rank=1000"], "rank=1000"),
-    (["variant=galore", "variant.proj_type=nope"], "proj_type"), (["-m", "variant=lora,nope"], "unknown variant"),
+    (["variant=galore", "variant.proj_type=nope"], "proj_type"),
+    (["variant=galore", "variant.layerwise=true", "optim.grad_clip=1"], "galore: layerwise=true updates each weight"),
+    (["variant=galore", "variant.svd=nope"], "svd='nope'"), (["-m", "variant=lora,nope"], "unknown variant"),
 ]
 
 

@@ -131,3 +131,27 @@ def test_merge_equals_unmerged_and_unmerge_restores(name, model_name):
 
 def test_every_low_rank_variant_is_registered():
     assert LOW_RANK | {"galore", "full", "head"} <= set(ALL)
+
+
+# ------------------------------------------------------------------- evaluation on merged weights
+
+
+@pytest.mark.parametrize("variant", ["lora", "dora", "adalora", "lora_plus", "full"])
+def test_eval_merged_gives_the_same_metrics_and_leaves_training_untouched(variant, tmp_path):
+    """``eval_merged=true``: every evaluation (mid-run and final) on merged weights; the metrics equal the
+    unmerged evaluation's within float rounding, and since the frozen weights are restored exactly after
+    each one, the training trajectory (every loss) is bit for bit the same. ``full`` has nothing to merge:
+    it evaluates as usual and its record says so."""
+    from conftest import compose_config
+
+    from experiments import train
+
+    common = [f"variant={variant}", "task=digits", "optim.max_steps=20", "optim.eval_every=5", "logger=none"]
+    plain = train.run(compose_config(*common, results_dir=tmp_path / "a"))
+    merged = train.run(compose_config(*common, "eval_merged=true", results_dir=tmp_path / "b"))
+    assert merged["run_id"] == plain["run_id"] and merged["eval_merged"] is (variant != "full")
+    assert plain["eval_merged"] is False
+    assert [h["loss"] for h in merged["history"]] == [h["loss"] for h in plain["history"]]
+    for split in ("val", "test"):
+        for k, v in plain["metrics"][split].items():
+            assert merged["metrics"][split][k] == pytest.approx(v, rel=1e-5, abs=1e-6), (split, k)

@@ -262,3 +262,75 @@ def test_optimizer_rejects_bad_groups():
     assert {k: opt.param_groups[0][k] for k in ("update_proj_gap", "scale", "proj_type")} == {
         "update_proj_gap": 200, "scale": 0.25, "proj_type": "std"}
     assert opt.defaults["eps"] == 1e-6
+
+
+# ------------------------------------------------------------------------- layer-wise update, low-rank SVD
+
+
+@pytest.mark.parametrize("make", [_mlp64, lambda: tiny_bert().double()], ids=["mlp", "bert"])
+def test_layerwise_update_is_the_same_step_bit_for_bit_and_frees_every_gradient(make):
+    """GaLore §4.3's per-layer weight update: each weight updated by its post-accumulate-grad hook inside
+    backward equals the usual step after backward, exactly; and no gradient is left after backward."""
+    targets = MLP_TARGETS if make is _mlp64 else "all-linear"
+    batches = _mlp_batches(4) if make is _mlp64 else [b for b in _bert_batches(4)]
+    models, opts = [], []
+    for layerwise in (False, True):
+        model = make()
+        v = variants.create("galore", rank=2, targets=targets, update_proj_gap=2, layerwise=layerwise)
+        v.apply(model)
+        models.append(model)
+        opts.append(v.optimizer(model, lr=LR, weight_decay=WD, eps=EPS))
+    plain, layerwise = models
+    sched = torch.optim.lr_scheduler.LambdaLR(opts[1], lambda s: 1.0 / (s + 1))  # the lr is read at each update
+    sched_plain = torch.optim.lr_scheduler.LambdaLR(opts[0], lambda s: 1.0 / (s + 1))
+    for batch in batches:
+        loss_of(plain, batch).backward()
+        opts[0].step()
+        opts[0].zero_grad()
+        sched_plain.step()
+        loss_of(layerwise, batch).backward()
+        assert all(p.grad is None for p in layerwise.parameters())  # freed inside backward
+        opts[1].step()  # finds no gradient: a no-op, as the trainer calls it
+        sched.step()
+        for (n, p), q in zip(plain.named_parameters(), layerwise.parameters(), strict=True):
+            assert torch.equal(p, q), n
+    assert opts[0].state_dict()["state"].keys() == opts[1].state_dict()["state"].keys()
+
+
+def test_layerwise_refuses_clipping_and_accumulation_in_one_line():
+    v = variants.create("galore", layerwise=True)
+    v.check_optim(grad_clip=0, grad_accum=1)
+    for clip, accum, bad in ((1.0, 1, "optim.grad_clip=1.0"), (0, 2, "optim.grad_accum=2")):
+        with pytest.raises(VariantError, match=bad) as e:
+            v.check_optim(grad_clip=clip, grad_accum=accum)
+        assert "\n" not in str(e.value)
+    variants.create("galore").check_optim(grad_clip=1.0, grad_accum=4)  # the usual update: both fine
+
+
+def test_layerwise_through_the_trainer_matches_the_usual_step_and_holds_no_gradients(tmp_path):
+    from conftest import compose_config
+
+    from experiments import train
+
+    common = ["variant=galore", "variant.rank=4", "optim.grad_clip=0", "optim.max_steps=8", "logger=none"]
+    plain = train.run(compose_config(*common, results_dir=tmp_path / "a"))
+    layerwise = train.run(compose_config(*common, "variant.layerwise=true", results_dir=tmp_path / "b"))
+    assert plain["status"] == layerwise["status"] == "ok"
+    assert layerwise["metrics"] == plain["metrics"]
+    assert layerwise["cost"]["gradient_bytes"] == 0 < plain["cost"]["gradient_bytes"]
+
+
+def test_lowrank_svd_finds_the_subspace_of_a_low_rank_gradient_and_spares_the_run_rng():
+    from variants.galore import orthogonal_factors
+
+    g = torch.Generator().manual_seed(3)
+    grad = torch.randn(60, 3, generator=g) @ torch.randn(3, 40, generator=g)  # exactly rank 3
+    exact = orthogonal_factors(grad, 3, "full")
+    state = torch.get_rng_state()
+    fast = orthogonal_factors(grad, 3, "full", svd="lowrank")
+    assert torch.equal(torch.get_rng_state(), state)  # dropout and data streams untouched
+    for key in ("proj_u", "proj_v"):
+        a, b = (exact[key], fast[key]) if key == "proj_u" else (exact[key].t(), fast[key].t())
+        assert torch.allclose(b.t() @ b, torch.eye(3), atol=1e-5)  # orthonormal columns
+        assert torch.allclose(a @ a.t(), b @ b.t(), atol=1e-4)  # the same subspace (signs may differ)
+    assert torch.equal(orthogonal_factors(grad, 3, "full", svd="lowrank")["proj_u"], fast["proj_u"])  # repeatable

@@ -43,8 +43,7 @@ class AdaLoRALinear(LoRALinear):
     def __init__(self, base_layer: nn.Module, rank: int, alpha: float, dropout: float = 0.0):
         # LoRALinear builds A, B and calls our reset_parameters(), which also creates E
         super().__init__(base_layer, rank, alpha, dropout)
-        w = base_layer.weight
-        self.register_buffer("ranknum", torch.full((1,), float(rank), dtype=w.dtype, device=w.device))
+        self.register_buffer("ranknum", self.lora_A.new_full((1,), float(rank)))
 
     def reset_parameters(self, init: str | None = None) -> None:
         # as the paper and peft: Λ = 0 so the model starts at W0; P, Q ~ N(0, 0.02²) (peft's std)
@@ -56,7 +55,7 @@ class AdaLoRALinear(LoRALinear):
 
     def lora_out(self, x: torch.Tensor) -> torch.Tensor:
         """P Λ Q dropout(x) · alpha/(ranknum + 1e-5) — eq. 1's ΔW = PΛQ applied to x."""
-        h = F.linear(F.linear(self.lora_dropout(x), self.lora_A * self.lora_E), self.lora_B)
+        h = F.linear(F.linear(self.lora_dropout(x).to(self.lora_A.dtype), self.lora_A * self.lora_E), self.lora_B)
         return h * self.scaling / (self.ranknum + 1e-5)
 
     def delta(self) -> torch.Tensor:

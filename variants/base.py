@@ -33,11 +33,12 @@ one-line message names the option.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -225,6 +226,10 @@ class Variant:
     def after_step(self, model: nn.Module, step: int, total_steps: int) -> None:
         """Runs after optimizer.step(), before zero_grad() (gradients still present)."""
 
+    def check_optim(self, grad_clip: float, grad_accum: int) -> None:
+        """Raise ``VariantError`` if the method cannot train with these optimisation options (GaLore's
+        layer-wise update: no global-norm clipping, no accumulation); called before training starts."""
+
     def state_dict(self) -> dict:
         """The method's own state between steps, beyond the weights and the optimizer (AdaLoRA's importance
         averages and rank pattern): saved in a training checkpoint, tensors and plain Python values only."""
@@ -263,6 +268,12 @@ class Variant:
 
     def unmerge(self, model: nn.Module) -> nn.Module:
         raise VariantError(f"variant {self.name!r} has no separate adapter to unmerge")
+
+    @contextlib.contextmanager
+    def merged_for_eval(self, model: nn.Module) -> Iterator[bool]:
+        """The model with its adapter merged into the frozen weights for an evaluation (``eval_merged``),
+        then restored exactly; yields whether it merged. Here: never (the model evaluates as it is)."""
+        yield False
 
     def adapter_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """The tensors that, with the base checkpoint, reproduce the fine-tuned model."""

@@ -17,6 +17,14 @@ from .base import register
 from .lora import LoRA, LoRALinear, dense_weight
 
 
+def _linear(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """W0 x (+ b) in the base's dtype, returned in x's: on a 16-bit base x (float32, the adapter's dtype)
+    came from the base's dtype, so the round trip is exact and W0 is never copied to float32."""
+    if W.dtype == x.dtype:
+        return F.linear(x, W, b)
+    return F.linear(x.to(W.dtype), W, b).to(x.dtype)
+
+
 class DoRALinear(LoRALinear):
     """``LoRALinear`` plus the magnitude vector ``lora_magnitude_vector`` (peft's name).
 
@@ -46,7 +54,7 @@ class DoRALinear(LoRALinear):
         ||w_i + s b_i A||² = ||w_i||² + s b_i·(2 A w_i + s A Aᵀ b_iᵀ) for row i (b_i: row i of B)."""
         A, s, acc = self.lora_A, self.scaling, self.w0_sq_norm.dtype
         B = self.lora_B.to(acc)
-        WA = F.linear(dense_weight(self.base_layer), A).to(acc)  # (out, r): row i is A w_i
+        WA = F.linear(dense_weight(self.base_layer).to(acc), A.to(acc))  # (out, r): row i is A w_i
         AA = (A @ A.T).to(acc)  # (r, r)
         sq = self.w0_sq_norm + s * (B * (2 * WA + s * (B @ AA))).sum(1)
         return sq.clamp_min(0).sqrt()
@@ -59,21 +67,21 @@ class DoRALinear(LoRALinear):
         if self.merged:
             return self.base_layer(x)
         W, b = dense_weight(self.base_layer), self.base_layer.bias
-        x = x.to(self.lora_A.dtype)
+        dtype, x = x.dtype, x.to(self.lora_A.dtype)
         g = self.dora_scale().to(x.dtype)
         if isinstance(self.lora_dropout, nn.Identity) or not self.training:
-            return self.adapted(x, g, b, W)  # eq. 5: m/||W0 + sBA||_c · (W0 + sBA) x + b
+            return self.adapted(x, g, b, W).to(dtype)  # eq. 5: m/||W0 + sBA||_c · (W0 + sBA) x + b
         # dropout on the adapter input only (as peft): W0 x + b + (g − 1) ⊙ W0 x̃ + g ⊙ s·BA x̃, x̃ = drop(x),
         # i.e. eq. 5 applied to x̃ plus the part of W0 x that dropout removed
         xd = self.lora_dropout(x)
-        return self.adapted(xd, g, F.linear(x - xd, W, b), W)
+        return self.adapted(xd, g, _linear(x - xd, W, b), W).to(dtype)
 
     def adapted(self, x: torch.Tensor, g: torch.Tensor, shift: torch.Tensor | None,
                 W: torch.Tensor | None = None) -> torch.Tensor:
         """shift + g ⊙ (W0 x + s·B A x): one base matmul, the low-rank term accumulated into it (addmm)."""
         W = dense_weight(self.base_layer) if W is None else W
         x2 = x.reshape(-1, x.shape[-1])
-        h = torch.addmm(F.linear(x2, W), F.linear(x2, self.lora_A) * self.scaling,
+        h = torch.addmm(_linear(x2, W), F.linear(x2, self.lora_A) * self.scaling,
                         self.lora_B.T).view(*x.shape[:-1], -1)
         return g * h if shift is None else torch.addcmul(shift, g, h)
 

@@ -61,10 +61,19 @@ def projection_side(proj_type: str, shape: torch.Size | tuple[int, ...]) -> str:
     raise VariantError(f"invalid option proj_type={proj_type!r}: expected {' | '.join(PROJ_TYPES)}")
 
 
-def orthogonal_factors(grad: torch.Tensor, rank: int, side: str) -> dict[str, torch.Tensor]:
-    """The projector(s) for ``grad``: {"proj_u": Uᵣ (m×r)} and/or {"proj_v": Vᵣᵀ (r×n)}, in grad's dtype."""
+def orthogonal_factors(grad: torch.Tensor, rank: int, side: str, svd: str = "exact") -> dict[str, torch.Tensor]:
+    """The projector(s) for ``grad``: {"proj_u": Uᵣ (m×r)} and/or {"proj_v": Vᵣᵀ (r×n)}, in grad's dtype.
+    ``svd="lowrank"``: a randomized SVD (Halko et al., ``torch.svd_lowrank``, rank + 8 columns, 2 power
+    iterations), cheaper than the full SVD of a large gradient; ``exact`` (galore-torch's) by default."""
     # Alg. 2: U, S, V ← SVD(G_t); the SVD runs in float32 even for float64 weights (as galore-torch)
-    u, _, vh = torch.linalg.svd(grad.float(), full_matrices=False)
+    if svd == "lowrank":
+        q = min(rank + 8, *grad.shape)
+        with torch.random.fork_rng(devices=[grad.device] if grad.is_cuda else []):  # never the run's streams
+            torch.manual_seed(0)
+            u, _, v = torch.svd_lowrank(grad.float(), q=q, niter=2)
+        vh = v.t()
+    else:
+        u, _, vh = torch.linalg.svd(grad.float(), full_matrices=False)
     # copy=True: a compact tensor rather than a view pinning the whole U/Vh, in LAPACK's column-major
     # layout (as galore-torch's cast leaves it), so matmuls take the same BLAS path and steps agree bitwise
     out = {}
@@ -139,43 +148,60 @@ class GaLoreAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            projected = "rank" in group
             for p in group["params"]:
-                if p.grad is None:
-                    continue
-                grad = p.grad
-                if grad.is_sparse:
-                    raise RuntimeError("GaLoreAdamW does not support sparse gradients")
-                state = self.state[p]
-                if "step" not in state:
-                    state["step"] = 0
-                if projected:
-                    side = projection_side(group["proj_type"], grad.shape)
-                    fresh = state["step"] % group["update_proj_gap"] == 0
-                    if fresh or not any(k in state for k in ("proj_u", "proj_v")):
-                        # Alg. 2: if t mod T = 0 then recompute P_t, else reuse P_{t-1}; moments are kept
-                        state.update(orthogonal_factors(grad, group["rank"], side))
-                    grad = project(state, grad, side)
-                if "exp_avg" not in state:
-                    state["exp_avg"] = torch.zeros_like(grad)  # Alg. 2: M_0 ← 0 (projected shape)
-                    state["exp_avg_sq"] = torch.zeros_like(grad)  # Alg. 2: V_0 ← 0
-                m, v = state["exp_avg"], state["exp_avg_sq"]
-                state["step"] += 1
-                t = state["step"]
-                m.mul_(beta1).add_(grad, alpha=1.0 - beta1)  # Alg. 2: M_t ← β1·M_{t-1} + (1-β1)·R_t
-                v.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)  # Alg. 2: V_t ← β2·V_{t-1}+(1-β2)·R_t²
-                denom = v.sqrt().add_(group["eps"])
-                step_size = group["lr"]
-                if group["correct_bias"]:  # Alg. 2's M_t/(1-β1^t), V_t/(1-β2^t), folded into η (galore-torch)
-                    step_size = step_size * math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t)
-                update = m / denom  # Alg. 2: N_t ← M_t / (√V_t + ε)
-                if projected:
-                    update = project_back(state, update, side, group["scale"])  # Alg. 2: G̃_t ← α·P_t N_t
-                p.add_(update, alpha=-step_size)  # Alg. 2: W_t ← W_{t-1} + η·G̃_t (G̃ is a descent direction)
-                if group["weight_decay"] > 0.0:  # decoupled decay after the update (galore-torch)
-                    p.add_(p, alpha=-group["lr"] * group["weight_decay"])
+                if p.grad is not None:
+                    self.update(p, group)
         return loss
+
+    @torch.no_grad()
+    def update(self, p: torch.Tensor, group: dict) -> None:
+        """One AdamW (projected: GaLore) update of ``p`` from its ``p.grad``, with ``group``'s settings."""
+        beta1, beta2 = group["betas"]
+        projected = "rank" in group
+        grad = p.grad
+        if grad.is_sparse:
+            raise RuntimeError("GaLoreAdamW does not support sparse gradients")
+        state = self.state[p]
+        if "step" not in state:
+            state["step"] = 0
+        if projected:
+            side = projection_side(group["proj_type"], grad.shape)
+            fresh = state["step"] % group["update_proj_gap"] == 0
+            if fresh or not any(k in state for k in ("proj_u", "proj_v")):
+                # Alg. 2: if t mod T = 0 then recompute P_t, else reuse P_{t-1}; moments are kept
+                state.update(orthogonal_factors(grad, group["rank"], side, group.get("svd", "exact")))
+            grad = project(state, grad, side)
+        if "exp_avg" not in state:
+            state["exp_avg"] = torch.zeros_like(grad)  # Alg. 2: M_0 ← 0 (projected shape)
+            state["exp_avg_sq"] = torch.zeros_like(grad)  # Alg. 2: V_0 ← 0
+        m, v = state["exp_avg"], state["exp_avg_sq"]
+        state["step"] += 1
+        t = state["step"]
+        m.mul_(beta1).add_(grad, alpha=1.0 - beta1)  # Alg. 2: M_t ← β1·M_{t-1} + (1-β1)·R_t
+        v.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)  # Alg. 2: V_t ← β2·V_{t-1}+(1-β2)·R_t²
+        denom = v.sqrt().add_(group["eps"])
+        step_size = group["lr"]
+        if group["correct_bias"]:  # Alg. 2's M_t/(1-β1^t), V_t/(1-β2^t), folded into η (galore-torch)
+            step_size = step_size * math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t)
+        update = m / denom  # Alg. 2: N_t ← M_t / (√V_t + ε)
+        if projected:
+            update = project_back(state, update, side, group["scale"])  # Alg. 2: G̃_t ← α·P_t N_t
+        p.add_(update, alpha=-step_size)  # Alg. 2: W_t ← W_{t-1} + η·G̃_t (G̃ is a descent direction)
+        if group["weight_decay"] > 0.0:  # decoupled decay after the update (galore-torch)
+            p.add_(p, alpha=-group["lr"] * group["weight_decay"])
+
+    def update_in_backward(self) -> None:
+        """Layer-wise updates (GaLore §4.3, "per-layer weight updates"): each parameter is updated by a
+        post-accumulate-grad hook as soon as its gradient is complete, and the gradient is freed at once,
+        so the gradients of all layers never exist together. ``step()`` and ``zero_grad()`` then find no
+        gradient and do nothing; the learning rate a scheduler sets is read at each update, as before."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                def hook(p, group=group):
+                    self.update(p, group)
+                    p.grad = None
+
+                p.register_post_accumulate_grad_hook(hook)
 
 
 # ----------------------------------------------------------------------------------------------- variant
@@ -192,10 +218,16 @@ class GaLoreConfig(BaseConfig):
     # 0.578) while α = 4 reached 0.760
     scale: float = 4.0
     proj_type: str = "std"  # std | reverse_std | left | right | full (galore-torch's names)
+    # update each weight inside backward and free its gradient (GaLore §4.3): gradients of all layers never
+    # coexist; no global-norm clipping and no accumulation then (optim.grad_clip=0, optim.grad_accum=1)
+    layerwise: bool = False
+    svd: str = "exact"  # exact | lowrank: the projector refresh's SVD (lowrank: randomized, torch.svd_lowrank)
 
     def validate(self) -> None:
         super().validate()
         _check_galore_options(self.rank, self.update_proj_gap, self.scale, self.proj_type)
+        _check(isinstance(self.layerwise, bool), "layerwise", self.layerwise, "true or false")
+        _check(self.svd in ("exact", "lowrank"), "svd", self.svd, "exact | lowrank")
         _check(bool(self.targets), "targets", self.targets, "a non-empty module spec")
 
 
@@ -241,5 +273,20 @@ class GaLore(Variant):
         groups = [{"params": decay, "lr": lr, "weight_decay": weight_decay},
                   {"params": no_decay, "lr": lr, "weight_decay": 0.0},
                   {"params": projected, "lr": lr, "weight_decay": weight_decay, "rank": c.rank,
-                   "update_proj_gap": c.update_proj_gap, "scale": c.scale, "proj_type": c.proj_type}]
+                   "update_proj_gap": c.update_proj_gap, "scale": c.scale, "proj_type": c.proj_type,
+                   "svd": c.svd}]
         return [g for g in groups if g["params"]]
+
+    def optimizer(self, model: nn.Module, lr: float, weight_decay: float = 0.0,
+                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> torch.optim.Optimizer:
+        opt = super().optimizer(model, lr, weight_decay, betas, eps)
+        if self.cfg.layerwise:
+            opt.update_in_backward()
+        return opt
+
+    def check_optim(self, grad_clip: float, grad_accum: int) -> None:
+        if self.cfg.layerwise and (grad_clip > 0 or grad_accum > 1):
+            bad = f"optim.grad_clip={grad_clip}" if grad_clip > 0 else f"optim.grad_accum={grad_accum}"
+            raise VariantError(f"galore: layerwise=true updates each weight inside backward, so it cannot clip by "
+                               f"the global gradient norm or accumulate gradients ({bad}): set optim.grad_clip=0 "
+                               "and optim.grad_accum=1")

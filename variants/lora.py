@@ -6,8 +6,10 @@ with merge/unmerge), ``wrap_targets`` (module surgery) and the peft-compatible a
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -64,6 +66,13 @@ def _float_dtype(layer: nn.Module) -> torch.dtype:
     if w.dtype.is_floating_point:
         return w.dtype
     return getattr(layer, "compute_dtype", None) or torch.float32
+
+
+def adapter_dtype(layer: nn.Module) -> torch.dtype:
+    """The dtype of the adapter's weights and computation: float32 on a 16-bit (or quantized) base, float64
+    on a float64 one. peft's default (``autocast_adapter_dtype=True``): in bfloat16 a small update such as
+    DoRA's magnitude step at lr 1e-4 rounds away (the magnitude did not move in 20 steps)."""
+    return torch.promote_types(_float_dtype(layer), torch.float32)
 
 
 INITS = ("kaiming", "gaussian", "olora", "pissa")  # and pissa_niter_<k> (randomised SVD, k iterations)
@@ -129,7 +138,7 @@ class LoRALinear(_LowRankUpdate):
         self.quantized = quantized_kind(base_layer.weight)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         n_in, n_out = layer_dims(base_layer)
-        dtype, device = _float_dtype(base_layer), base_layer.weight.device
+        dtype, device = adapter_dtype(base_layer), base_layer.weight.device
         self.lora_A = nn.Parameter(torch.empty(rank, n_in, dtype=dtype, device=device))
         self.lora_B = nn.Parameter(torch.zeros(n_out, rank, dtype=dtype, device=device))
         self.register_buffer("lora_A0", None, persistent=False)  # olora / pissa: the initial A and B
@@ -227,10 +236,10 @@ class LoRAEmbedding(_LowRankUpdate):
         super().__init__()
         self.base_layer = base_layer
         self.rank, self.scaling = rank, scale
-        w = base_layer.weight
-        self.lora_embedding_A = nn.Parameter(torch.zeros(rank, base_layer.num_embeddings, dtype=w.dtype,
+        w, dtype = base_layer.weight, adapter_dtype(base_layer)
+        self.lora_embedding_A = nn.Parameter(torch.zeros(rank, base_layer.num_embeddings, dtype=dtype,
                                                          device=w.device))
-        self.lora_embedding_B = nn.Parameter(torch.empty(base_layer.embedding_dim, rank, dtype=w.dtype,
+        self.lora_embedding_B = nn.Parameter(torch.empty(base_layer.embedding_dim, rank, dtype=dtype,
                                                          device=w.device))
         nn.init.normal_(self.lora_embedding_B)
         self.merged = False
@@ -348,6 +357,28 @@ class LoRA(Variant):
         for _, layer in self.layers(model):
             layer.unmerge()
         return model
+
+    @contextlib.contextmanager
+    def merged_for_eval(self, model: nn.Module) -> Iterator[bool]:
+        """Merged for an evaluation (one matmul per layer instead of two or three), then the frozen weights
+        are put back from a copy: subtracting ΔW again would not restore them bit for bit, and training
+        goes on from them. A layer that cannot merge (a quantized base) leaves the model unmerged."""
+        layers = [layer for _, layer in self.layers(model) if not layer.merged]
+        if any(getattr(layer, "quantized", None) for layer in layers):
+            yield False
+            return
+        stored = [layer.base_layer.weight.detach().clone() for layer in layers]
+        try:
+            for layer in layers:
+                layer.merge()
+            yield True
+        finally:
+            with torch.no_grad():
+                for layer, w in zip(layers, stored, strict=True):
+                    layer.base_layer.weight.copy_(w)
+                    layer.merged = False
+                    if hasattr(layer, "merge_scale"):
+                        layer.merge_scale = None
 
     # -- peft layout: adapter_model.safetensors + adapter_config.json that PeftModel.from_pretrained loads
     @property
