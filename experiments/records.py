@@ -25,7 +25,7 @@ IDENTITY_KEYS = {"task": "task.name", "variant": "variant.name", "rank": "varian
 # where things go, how they are shown, how fast they run: none of it changes a run's result
 NON_SEMANTIC = ("results_dir", "cache_dir", "assets_dir", "logger", "force", "save_adapter", "progress", "hydra",
                 "threads_per_job", "checkpoint_every", "task.cache_dir", "task.assets_dir",
-                "eval_merged",  # evaluation on merged weights: the same metrics within float rounding
+                "eval_merged", "compile",  # merged weights, compiled kernels: the same math, float rounding aside
                 "model.gradient_checkpointing")  # recomputes activations: same result, less memory
 
 

@@ -104,7 +104,7 @@ def _top_level(cfg: dict) -> None:
     if not (isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < 2**32):
         raise ConfigError(f"invalid option seed={seed!r}: expected an integer in [0, 2^32)")
     pick_device(str(cfg.get("device", "auto")))
-    for key in ("bf16", "force", "save_adapter", "eval_merged"):
+    for key in ("bf16", "force", "save_adapter", "eval_merged", "compile"):
         if not isinstance(cfg.get(key, False), bool):
             raise ConfigError(f"invalid option {key}={cfg[key]!r}: expected true or false")
     every = cfg.get("checkpoint_every", 0)
@@ -279,7 +279,7 @@ def _train(cfg, task, variant, model, record, wb) -> None:
     try:
         result = fit(model, variant, task, _optim(cfg), seed=cfg["seed"], device=record["env"]["device"],
                      bf16=cfg.get("bf16", False), progress=cfg.get("progress"), log=wb.log, checkpoint=checkpoint,
-                     eval_merged=cfg.get("eval_merged", False))
+                     eval_merged=cfg.get("eval_merged", False), compile=cfg.get("compile", False))
         record.update(result, status="ok")
         state = variant.summary(model)
         if state is not None:

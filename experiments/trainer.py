@@ -253,10 +253,12 @@ class PeakMemory:
 def fit(model: nn.Module, variant: Variant, data: Task, cfg: OptimConfig, *, seed: int = 0,
         device: str | torch.device = "auto", bf16: bool = False, progress: bool | None = None,
         log: Callable[[dict, int], None] | None = None, checkpoint: Checkpoint | None = None,
-        eval_merged: bool = False) -> dict:
+        eval_merged: bool = False, compile: bool = False) -> dict:
     """Train ``model`` (already adapted by ``variant``) on the task ``data`` (its splits, loss and metrics)
     and evaluate it. Returns metrics, history, cost (and ``resumed_from``, the step a checkpoint gave).
 
+    ``compile``: run the model's forward (training and evaluation) through ``torch.compile`` (inductor;
+    the first steps pay the compilation, which the step-time median leaves out).
     ``eval_merged``: evaluate with the adapter merged into the frozen weights where the method can
     (``Variant.merged_for_eval``; the weights are restored exactly after each evaluation).
 
@@ -271,6 +273,11 @@ def fit(model: nn.Module, variant: Variant, data: Task, cfg: OptimConfig, *, see
     train_loader = DataLoader(data.train, batch_size=cfg.batch_size, shuffle=True, generator=gen,
                               collate_fn=data.collate, drop_last=len(data.train) > cfg.batch_size)
     memory = PeakMemory(device)
+    if compile:  # dropout from the run's "train" stream, as eager draws it (not inductor's own generator)
+        from torch._inductor import config as inductor
+
+        inductor.fallback_random = True
+    net = torch.compile(model) if compile else model  # the same module and parameters, compiled forward
     merging = variant.merged_for_eval if eval_merged else lambda model: contextlib.nullcontext(False)
     evaluated_merged: list[bool] = []
 
@@ -280,7 +287,7 @@ def fit(model: nn.Module, variant: Variant, data: Task, cfg: OptimConfig, *, see
         loader = DataLoader(split, batch_size=cfg.eval_batch_size, collate_fn=data.collate)
         model.eval()
         with merging(model) as merged, torch.inference_mode(), _autocast(device, bf16):
-            metrics = data.evaluate(model, _Moved(loader, device))
+            metrics = data.evaluate(net, _Moved(loader, device))
         evaluated_merged.append(merged)
         model.train()
         memory.switch(resume)
@@ -338,7 +345,7 @@ def fit(model: nn.Module, variant: Variant, data: Task, cfg: OptimConfig, *, see
             for _ in range(cfg.grad_accum):
                 batch = to_device(next(batches), device)
                 with _autocast(device, bf16):
-                    task_loss = data.loss(model, batch)
+                    task_loss = data.loss(net, batch)
                     extra = variant.extra_loss(model)  # e.g. AdaLoRA's orthogonality penalty; 0 for most
                     loss = task_loss + extra
                 if not torch.isfinite(loss):

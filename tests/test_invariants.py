@@ -155,3 +155,18 @@ def test_eval_merged_gives_the_same_metrics_and_leaves_training_untouched(varian
     for split in ("val", "test"):
         for k, v in plain["metrics"][split].items():
             assert merged["metrics"][split][k] == pytest.approx(v, rel=1e-5, abs=1e-6), (split, k)
+
+
+@pytest.mark.slow  # inductor compiles for tens of seconds on 2 cores
+@pytest.mark.parametrize("variant", ["lora", "dora"])
+def test_compile_trains_the_same_model_within_float_rounding(variant, tmp_path):
+    from conftest import compose_config
+
+    from experiments import train
+
+    common = [f"variant={variant}", "task=digits", "optim.max_steps=10", "optim.eval_every=5", "logger=none"]
+    eager = train.run(compose_config(*common, results_dir=tmp_path / "a"))
+    compiled = train.run(compose_config(*common, "compile=true", results_dir=tmp_path / "b"))
+    assert compiled["status"] == "ok", compiled["error"]
+    assert compiled["config"]["compile"] is True and compiled["run_id"] == eager["run_id"]
+    assert [h["loss"] for h in compiled["history"]] == pytest.approx([h["loss"] for h in eager["history"]], rel=1e-4)

@@ -125,13 +125,19 @@ def test_weight_storage_counts_4bit_parameters_by_their_packed_bytes(files):  # 
     assert stored["quant_state_bytes"] > 0  # absmax (double-quantized) and code books, beside the parameters
 
 
-def test_gradient_checkpointing_gives_the_same_steps(files, tmp_path):  # noqa: F811
-    plain = run(lm(files, tmp_path / "plain"))
-    ckpt = run(lm(files, tmp_path / "ckpt", "model.gradient_checkpointing=true"))
+@pytest.mark.parametrize("variant", ["lora", "dora", "adalora", "lora_plus", "galore", "full", "head"])
+def test_gradient_checkpointing_gives_the_same_steps_for_every_variant(variant, files, tmp_path):  # noqa: F811
+    more = [f"variant={variant}", *(["variant.tinit=1", "variant.tfinal=1"] if variant == "adalora" else [])]
+    plain = run(lm(files, tmp_path / "plain", *more))
+    ckpt = run(lm(files, tmp_path / "ckpt", "model.gradient_checkpointing=true", *more))
+    assert plain["status"] == "ok", plain["error"]
     assert ckpt["status"] == "ok", ckpt["error"]
     assert ckpt["task_info"]["gradient_checkpointing"] is True
     # recomputation replays the same forward (dropout included: its RNG state is restored)
     assert [h["loss"] for h in ckpt["history"]] == pytest.approx([h["loss"] for h in plain["history"]], rel=1e-5)
+    assert ckpt["metrics"]["test"] == pytest.approx(plain["metrics"]["test"], rel=1e-5)
+    if variant != "lora":
+        return
     cfg = lm(files, tmp_path / "nf4ckpt", "model.quantize=nf4", "model.gradient_checkpointing=true")
     _, _, model = build(cfg)
     assert model.model.gradient_checkpointing and model._require_grads_hooks  # QLoRA's setting
