@@ -125,7 +125,8 @@ def test_weight_storage_counts_4bit_parameters_by_their_packed_bytes(files):  # 
     assert stored["quant_state_bytes"] > 0  # absmax (double-quantized) and code books, beside the parameters
 
 
-@pytest.mark.parametrize("variant", ["lora", "dora", "adalora", "lora_plus", "galore", "full", "head"])
+@pytest.mark.parametrize("variant", ["lora", "dora", "galore", *(pytest.param(v, marks=pytest.mark.slow)
+                                                                for v in ("adalora", "lora_plus", "full", "head"))])
 def test_gradient_checkpointing_gives_the_same_steps_for_every_variant(variant, files, tmp_path):  # noqa: F811
     more = [f"variant={variant}", *(["variant.tinit=1", "variant.tfinal=1"] if variant == "adalora" else [])]
     plain = run(lm(files, tmp_path / "plain", *more))

@@ -48,8 +48,15 @@ def test_every_registered_task_has_a_config_and_declares_a_smoke_size_if_offline
         assert spec.main_metric in spec.metrics
 
 
-@pytest.mark.parametrize("task", TASK_CONFIGS)
-@pytest.mark.parametrize("variant", VARIANT_CONFIGS)
+def _pairs():
+    """Every variant x task; lm_file loads the same model as lm, so beyond lora its builds are slow tests."""
+    for variant in VARIANT_CONFIGS:
+        for task in TASK_CONFIGS:
+            slow = task == "lm_file" and variant != "lora"
+            yield pytest.param(variant, task, id=f"{variant}-{task}", marks=[pytest.mark.slow] if slow else [])
+
+
+@pytest.mark.parametrize(("variant", "task"), list(_pairs()))
 def test_every_variant_composes_with_every_task_and_builds(variant, task, tmp_path):
     # the session's cache: each task's tokenised data and base scores are computed once, not once per variant
     cfg = compose_config(f"variant={variant}", results_dir=tmp_path, task=task, smoke=True)
