@@ -338,21 +338,47 @@ def fit(model: nn.Module, variant: Variant, data: Task, cfg: OptimConfig, *, see
     model.train()
     memory.switch("train")  # the training window: model, data and optimizer exist; evaluations are apart
     t_start = time.perf_counter()
+    # host syncs (reading the loss, the finiteness check, step timing): every step on CPU, where they cost
+    # nothing; every log_every steps on CUDA, so the GPU never waits for Python between steps
+    sync_every = cfg.log_every if device.type == "cuda" else SYNC_EVERY_CPU
+    pending: list[tuple[dict, torch.Tensor, Callable[[], float]]] = []  # history entries waiting for values
+
+    def flush() -> None:
+        """Read the pending steps' losses (one sync), stop at the first non-finite one, log and time them."""
+        if not pending:
+            return
+        values = torch.stack([v for _, v, _ in pending]).tolist()  # (steps, accum, [task, extra])
+        for (entry, _, elapsed), micro in zip(pending, values, strict=True):
+            task, extra = (sum(m[i] for m in micro) / cfg.grad_accum for i in (0, 1))
+            if not math.isfinite(task + extra):
+                pending.clear()
+                raise NonFiniteLoss(entry["step"], task + extra)  # the first bad step, 1-based as in the history
+            entry["loss"] = task  # the task loss compares across variants; a variant's own penalty sits beside it
+            if extra:
+                entry["extra_loss"] = extra
+            step_times.append(elapsed())
+            lr = entry.pop("_lr")
+            if entry["step"] % cfg.log_every == 0 or entry["step"] == steps:
+                log({"train/loss": task, "train/lr": lr, **({"train/extra_loss": extra} if extra else {})},
+                    entry["step"])
+        bar.set_postfix(loss=f"{task:.4f}", it_s=f"{1 / max(step_times[-1], 1e-9):.2f}")
+        pending.clear()
+
     for step in range(start, steps):
         with deferred():  # a signal now waits for the end of this step
-            t0 = time.perf_counter()
-            task_sum = extra_sum = 0.0
+            t0, timer = time.perf_counter(), _StepTimer(device)
+            micro = []
             for _ in range(cfg.grad_accum):
                 batch = to_device(next(batches), device)
                 with _autocast(device, bf16):
                     task_loss = data.loss(net, batch)
                     extra = variant.extra_loss(model)  # e.g. AdaLoRA's orthogonality penalty; 0 for most
                     loss = task_loss + extra
-                if not torch.isfinite(loss):
-                    raise NonFiniteLoss(step + 1, loss.item())  # 1-based, as in the history
                 (loss / cfg.grad_accum).backward()
-                task_sum += task_loss.item() / cfg.grad_accum
-                extra_sum += float(extra.detach() if torch.is_tensor(extra) else extra) / cfg.grad_accum
+                task_value = task_loss.detach().float().reshape(())
+                extra_value = (extra.detach().float().reshape(()) if torch.is_tensor(extra)
+                               else task_value.new_full((), float(extra)))  # a fill on the device, no copy
+                micro.append(torch.stack([task_value, extra_value]))
             if step == 0:  # what the gradients occupy (GaLore: full-size, the projection happens in the optimizer)
                 gradient_bytes = sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None)
             if cfg.grad_clip > 0:
@@ -361,18 +387,14 @@ def fit(model: nn.Module, variant: Variant, data: Task, cfg: OptimConfig, *, see
             sched.step()
             variant.after_step(model, step, steps)  # gradients are still present here (AdaLoRA needs them)
             opt.zero_grad(set_to_none=True)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            step_times.append(time.perf_counter() - t0)
-            lr = opt.param_groups[0]["lr"]
+            entry = {"step": step + 1, "loss": None, "_lr": opt.param_groups[0]["lr"]}
+            history.append(entry)
+            pending.append((entry, torch.stack(micro), timer.stop(t0)))
             bar.update(1)
-            bar.set_postfix(loss=f"{task_sum:.4f}", it_s=f"{1 / max(step_times[-1], 1e-9):.2f}")
-            # the task loss is what compares across variants; a variant's own penalty is logged beside it
-            entry = {"step": step + 1, "loss": task_sum, **({"extra_loss": extra_sum} if extra_sum else {})}
-            if (step + 1) % cfg.log_every == 0 or step + 1 == steps:
-                log({"train/loss": task_sum, "train/lr": lr, **({"train/extra_loss": extra_sum} if extra_sum else {})},
-                    step + 1)
-            if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < steps:
+            evaluating = cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < steps
+            if (step + 1) % sync_every == 0 or step + 1 == steps or evaluating:
+                flush()
+            if evaluating:
                 val = evaluate(data.val)
                 entry.update({f"val_{k}": v for k, v in val.items()})
                 log({f"val/{k}": v for k, v in val.items()}, step + 1)
@@ -381,13 +403,16 @@ def fit(model: nn.Module, variant: Variant, data: Task, cfg: OptimConfig, *, see
                                                                          data.higher_is_better):
                     best = val[data.main_metric]
                     best_state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-            history.append(entry)
         stop = SIGNALS.pending
-        if checkpoint is not None and (checkpoint.due(step + 1) and step + 1 < steps or stop and checkpoint.every):
+        save = checkpoint is not None and (checkpoint.due(step + 1) and step + 1 < steps or stop and checkpoint.every)
+        if save or stop:
+            flush()  # a non-finite loss fails the run before a checkpoint could keep its weights
+        if save:
             checkpoint.save(snapshot(step + 1))
         if stop:
             bar.close()
             raise Interrupted(stop, step + 1)
+    flush()
     bar.close()
     train_time = train_time_before + time.perf_counter() - t_start
     memory.switch(None)  # the training window closes before the final evaluation
@@ -422,6 +447,32 @@ def _restore(model: nn.Module, saved: dict) -> None:
     for group, values in ((params, saved["trainable"]), (buffers, saved["buffers"])):
         for n, t in group.items():
             t.copy_(values[n])
+
+
+SYNC_EVERY_CPU = 1  # steps between host syncs on CPU (tests raise it to exercise the CUDA bookkeeping)
+
+
+class _StepTimer:
+    """A step's duration: wall clock on CPU; on CUDA two events, read at the next sync (no wait now)."""
+
+    def __init__(self, device: torch.device):
+        self.events = None
+        if device.type == "cuda":
+            self.events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+            self.events[0].record()
+
+    def stop(self, t0: float) -> Callable[[], float]:
+        if self.events is None:
+            elapsed = time.perf_counter() - t0
+            return lambda: elapsed
+        start, end = self.events
+        end.record()
+
+        def read() -> float:
+            end.synchronize()
+            return start.elapsed_time(end) / 1000.0
+
+        return read
 
 
 def _better(value, best, higher) -> bool:

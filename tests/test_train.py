@@ -122,6 +122,27 @@ def test_non_finite_loss_writes_a_failed_record_naming_the_step(tmp_path):
     assert not records.finished(tmp_path, record["run_id"])  # a failed run is retried next time
 
 
+def test_reading_the_loss_every_few_steps_as_on_cuda_changes_nothing_and_still_names_the_bad_step(tmp_path,
+                                                                                                 monkeypatch):
+    """On CUDA the trainer reads losses (and times steps) once per ``log_every`` steps instead of every
+    step; the same bookkeeping, forced on CPU, gives the same record, and a non-finite loss still fails
+    the run naming its own step, not the step at which it was read."""
+    from experiments import trainer
+
+    common = ["variant=adalora", "variant.tinit=2", "variant.tfinal=2", "optim.log_every=4", *FAST]
+    every_step = run(config(tmp_path / "a", *common))
+    monkeypatch.setattr(trainer, "SYNC_EVERY_CPU", 4)
+    deferred = run(config(tmp_path / "b", *common))
+    assert deferred["metrics"] == every_step["metrics"] and deferred["history"] == every_step["history"]
+    assert len(deferred["cost"]) == len(every_step["cost"]) and deferred["cost"]["steps"] == 30
+
+    cls, calls = variants.get("lora"), []
+    monkeypatch.setattr(cls, "extra_loss", lambda self, model: calls.append(1) or (float("nan") if len(calls) == 7
+                                                                                   else 0.0))
+    failed = run(config(tmp_path / "c", *FAST))
+    assert failed["status"] == "failed" and failed["error"]["step"] == 7, failed["error"]
+
+
 @pytest.mark.parametrize("override, fragment", [
     ("variant.rank=0", "rank=0"),
     ("optim.lr=0", "optim.lr=0"),
