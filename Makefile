@@ -63,8 +63,11 @@ test-full: $(STAMP) $(ASSETS_STAMP) ## every test, the slow ones included
 lint: $(STAMP) ## ruff
 	$(BIN)/ruff check variants experiments tests
 
-bench: $(STAMP) ## step time and memory of each variant against its reference
-	$(BIN)/python -m experiments.bench
+# each method against its reference (peft, galore-torch), full FT, head-only and the frozen floor, on MiniLM,
+# CPU, 2 threads (< 10 min on 2 cores); docs/bench.md. BENCH_ARGS="--quick", "--workload smollm2" (make assets)...
+BENCH_ARGS ?=
+bench: $(STAMP) ## side-by-side step time, eval time and memory of each method vs its reference (results/bench/)
+	$(BIN)/python -m experiments.bench $(BENCH_ARGS)
 
 clean: ## remove .venv and pytest caches
 	rm -rf $(VENV) .pytest_cache
