@@ -4,36 +4,47 @@ the tensors its reference trains and computes the same losses. Timings are never
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from experiments import bench
 
-ROOT = Path(__file__).resolve().parents[1]
 PAIRS = [("lora", "peft-lora"), ("lora_plus", "peft-lora_plus"), ("dora", "peft-dora"),
          ("adalora", "peft-adalora"), ("galore", "galore-torch")]
 
 
-@pytest.fixture(scope="module")
-def report(tmp_path_factory):
+def test_quick_run(tmp_path):
+    """One run, four groups of checks (one test: under pytest-xdist a shared fixture would run per worker)."""
+    report = _run(tmp_path)
+    check_every_contender_and_ratio(report)
+    check_ours_trains_what_the_reference_trains(report)
+    check_header(report)
+    check_markdown(report)
+
+
+def _run(out):
+    """One --quick run on the tiny BERT, in this process (the memory runs still get their own processes)."""
     pytest.importorskip("peft")
     pytest.importorskip("galore_torch")
-    out = tmp_path_factory.mktemp("bench")
-    proc = subprocess.run([sys.executable, "-m", "experiments.bench", "--workload", "tiny", "--quick", "--threads", "1",
-                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    import torch
+
+    threads, stdout = torch.get_num_threads(), io.StringIO()
+    try:
+        with contextlib.redirect_stdout(stdout):
+            bench.main(["--workload", "tiny", "--quick", "--threads", "1", "--out", str(out)])
+    finally:
+        torch.set_num_threads(threads)
     data = json.loads((out / "tiny-cpu.json").read_text())
     data["_md"] = (out / "tiny-cpu.md").read_text()
-    data["_stdout"] = proc.stdout
+    data["_stdout"] = stdout.getvalue()
     return data
 
 
-def test_every_contender_and_ratio(report):
+def check_every_contender_and_ratio(report):
     rows = {r["key"]: r for r in report["rows"]}
     assert list(rows) == list(bench.CONTENDERS)
     for key, r in rows.items():
@@ -60,7 +71,7 @@ def test_every_contender_and_ratio(report):
     assert [(g["contender"], g["against"]) for g in report["goals"]] == [(c, a) for c, a, _ in bench.GOALS]
 
 
-def test_ours_trains_what_the_reference_trains(report):
+def check_ours_trains_what_the_reference_trains(report):
     """A real check, not a timing: same trainable tensors (names, shapes, counts) and the same warm-up loss."""
     rows = {r["key"]: r for r in report["rows"]}
     for ours, ref in PAIRS:
@@ -78,9 +89,9 @@ def test_ours_trains_what_the_reference_trains(report):
     assert rows["galore"]["optimizer_state_bytes"] < rows["full"]["optimizer_state_bytes"]
 
 
-def test_header(report):
+def check_header(report):
     h = report["header"]
-    assert h["date"] and h["command"].startswith("python -m experiments.bench")
+    assert h["date"] and h["command"].startswith("python -m experiments.bench --workload tiny --quick")
     assert "git_commit" in h and isinstance(h["git_dirty"], list)
     m = h["machine"]
     assert m["cpu"] and m["cores"] >= 1 and m["threads"] == 1 and m["device"] == "cpu"
@@ -90,7 +101,7 @@ def test_header(report):
     assert h["protocol"]["rounds"] == 2 and h["protocol"]["repeats"] == 1
 
 
-def test_markdown(report):
+def check_markdown(report):
     md = report["_md"]
     assert md in report["_stdout"]  # stdout prints the table
     assert "| contender | step ms (median) | IQR | min–max | ours / ref" in md
