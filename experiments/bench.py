@@ -103,7 +103,8 @@ def load_base(workload: Workload) -> nn.Module:
         from transformers import BertConfig, BertForSequenceClassification
 
         cfg = BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                         intermediate_size=37, max_position_embeddings=64, num_labels=3)
+                         intermediate_size=37, max_position_embeddings=64, num_labels=3,
+                         problem_type="single_label_classification")  # as load_model: no recompile
         model = BertForSequenceClassification(cfg)
     return model.float().eval()
 
@@ -138,8 +139,21 @@ CONTENDERS = {
     "head": ("head only", "head", "ours", None),
     "floor": ("frozen floor (grad to inputs only)", "floor", "torch", None),
     "trainer-lora": ("ours LoRA via trainer.fit", "trainer", "ours", None),  # against its own bare twin
+    # --methods options: the run options, each against the same method without it
+    "lora-ckpt": ("ours LoRA + gradient checkpointing", "options", "ours", "lora"),
+    "lora-compile": ("ours LoRA, compile=true", "options", "ours", "lora"),
+    "full-ckpt": ("full FT + gradient checkpointing", "options", "ours", "full"),
+    "galore-layerwise": ("ours GaLore, layerwise=true", "options", "ours", "galore"),
+    "galore-refresh": ("ours GaLore, SVD refresh every step (T=1)", "options", "ours", None),
+    "galore-refresh-lowrank": ("ours GaLore, svd=lowrank refresh every step (T=1)", "options", "ours",
+                               "galore-refresh"),
 }
-METHODS = ("lora", "lora_plus", "dora", "adalora", "galore", "full", "head", "floor", "trainer")
+# option contender -> (method, variant options on top of the method's, gradient checkpointing, torch.compile)
+OPTIONS = {"lora-ckpt": ("lora", {}, True, False), "lora-compile": ("lora", {}, False, True),
+           "full-ckpt": ("full", {}, True, False), "galore-layerwise": ("galore", {"layerwise": True}, False, False),
+           "galore-refresh": ("galore", {"update_proj_gap": 1}, False, False),
+           "galore-refresh-lowrank": ("galore", {"update_proj_gap": 1, "svd": "lowrank"}, False, False)}
+METHODS = ("lora", "lora_plus", "dora", "adalora", "galore", "full", "head", "floor", "trainer", "options")
 # eval (forward only) of the adapted models, and of the plain model once (the floor's: full FT, head-only
 # and GaLore models are the same plain model; LoRA+ is the LoRA model)
 EVAL = ("lora", "peft-lora", "dora", "peft-dora", "adalora", "peft-adalora", "floor")
@@ -152,7 +166,12 @@ GOALS = [("lora", "peft-lora", 0.95), ("lora", "floor", 1.10), ("dora", "lora", 
 def contender_keys(methods: list[str], workload: Workload | None = None) -> list[str]:
     """The contenders of ``methods`` (a head-only run needs a head that trains: not SmolLM2's tied one)."""
     skip = {"head"} if workload is not None and not workload.train_head else set()
-    return [k for k, (_, method, _, _) in CONTENDERS.items() if method in methods and method not in skip]
+    keys = [k for k, (_, method, _, _) in CONTENDERS.items() if method in methods and method not in skip]
+    for k in list(keys):  # an option's row needs the row it is compared with
+        ref = CONTENDERS[k][3]
+        if CONTENDERS[k][1] == "options" and ref is not None and ref not in keys:
+            keys.insert(keys.index(k), ref)
+    return keys
 
 
 def adalora_schedule(total_timed_steps: int) -> dict:
@@ -242,21 +261,32 @@ def build(key: str, base: nn.Module, batch: dict, workload: Workload, args, devi
         return Contender(key, model, floor_step)
 
     if impl == "ours" and key != "trainer-lora":
+        method, extra, checkpointing, compiled = OPTIONS.get(key, (method, {}, False, False))
         options = {"lora": {"rank": r, "alpha": alpha, "dropout": 0.0, "targets": workload.targets},
                    "galore": {"rank": r, "targets": workload.targets, "update_proj_gap": args.update_proj_gap,
                               "scale": args.galore_scale}}
         options["lora_plus"] = options["dora"] = options["lora"]
         options["adalora"] = {**options["lora"], "tinit": sched["tinit"], "tfinal": sched["tfinal"],
                               "deltaT": sched["deltaT"]}
-        v = variants.create(method, **options.get(method, {}), **head)
+        v = variants.create(method, **{**options.get(method, {}), **extra}, **head)
         model = v.apply(model).to(device).train()
+        if checkpointing:  # what model.gradient_checkpointing=true does to a loaded model
+            from experiments.hub import Loading
+
+            Loading(gradient_checkpointing=True).prepare(model)
         opt = v.optimizer(model, lr=LR)
         counter = iter(range(sched["tinit"] + 1, sched["total"]))  # AdaLoRA's global step
         total = sched["total"]
+        net = model
+        if compiled:  # as the trainer's compile=true: the forward compiled, dropout drawn as in eager
+            from torch._inductor import config as inductor
+
+            inductor.fallback_random = True
+            net = torch.compile(model)
 
         def our_step():  # experiments.trainer.fit's order
             with autocast():
-                loss = model(**batch).loss + v.extra_loss(model)
+                loss = net(**batch).loss + v.extra_loss(model)
             loss.backward()
             opt.step()
             v.after_step(model, next(counter), total)

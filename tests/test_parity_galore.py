@@ -250,6 +250,32 @@ def test_rank_larger_than_a_target():
         v.optimizer(tiny_bert(), lr=LR)
 
 
+@pytest.mark.parametrize("correct_bias", [True, False])
+def test_plain_groups_fused_adamw_match_galore_torch(correct_bias):
+    """The unprojected parameters take one fused AdamW kernel (ε and lr rearranged to galore-torch's folded
+    bias correction, decay after the update): equal to galore-torch's AdamW step for step, also when the
+    parameters of a group are at different step counts (one without a gradient on some steps)."""
+    g = torch.Generator().manual_seed(0)
+    ours = [nn.Parameter(torch.randn(7, 5, generator=g, dtype=torch.float64)),
+            nn.Parameter(torch.randn(5, generator=g, dtype=torch.float64))]
+    theirs = [nn.Parameter(p.detach().clone()) for p in ours]
+    start = ours[0].detach().clone()
+    settings = {"lr": 1e-2, "weight_decay": WD, "eps": EPS, "betas": (0.8, 0.95), "correct_bias": correct_bias}
+    opt = GaLoreAdamW([{"params": ours}], **settings)
+    ref = galore_torch.GaLoreAdamW([{"params": theirs}], no_deprecation_warning=True, **settings)
+    for step in range(6):
+        grads = [torch.randn(p.shape, generator=g, dtype=torch.float64) for p in ours]
+        for ps in (ours, theirs):
+            for i, (p, grad) in enumerate(zip(ps, grads, strict=True)):
+                p.grad = None if (i == 1 and step in (1, 2)) else grad.clone()
+        opt.step()
+        ref.step()
+        for p, q in zip(ours, theirs, strict=True):
+            assert (p - q).abs().max().item() <= 1e-13, step
+    assert [opt.state[p]["step"] for p in ours] == [6, 4]
+    assert (ours[0] - start).abs().max() > 1e-3
+
+
 def test_optimizer_rejects_bad_groups():
     w = nn.Parameter(torch.zeros(6, 3))
     with pytest.raises(VariantError, match="rank"):

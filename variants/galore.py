@@ -101,10 +101,16 @@ def project_back(state: dict, update: torch.Tensor, side: str, scale: float) -> 
         full = torch.matmul(update, state["proj_v"])
     else:
         full = torch.matmul(state["proj_u"], update) @ state["proj_v"]
-    return full * scale
+    return full if scale == 1.0 else full * scale
 
 
 # ----------------------------------------------------------------------------------------------- optimizer
+
+
+def _dense_grad(p: torch.Tensor) -> torch.Tensor:
+    if p.grad.is_sparse:
+        raise RuntimeError("GaLoreAdamW does not support sparse gradients")
+    return p.grad
 
 
 class GaLoreAdamW(torch.optim.Optimizer):
@@ -148,47 +154,83 @@ class GaLoreAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
+            params = [p for p in group["params"] if p.grad is not None]
+            if "rank" in group:
+                for p in params:
                     self.update(p, group)
+            elif params:
+                self._adamw(params, group)
         return loss
 
     @torch.no_grad()
     def update(self, p: torch.Tensor, group: dict) -> None:
         """One AdamW (projected: GaLore) update of ``p`` from its ``p.grad``, with ``group``'s settings."""
+        if "rank" not in group:
+            self._adamw([p], group)
+            return
         beta1, beta2 = group["betas"]
-        projected = "rank" in group
-        grad = p.grad
-        if grad.is_sparse:
-            raise RuntimeError("GaLoreAdamW does not support sparse gradients")
-        state = self.state[p]
-        if "step" not in state:
-            state["step"] = 0
-        if projected:
-            side = projection_side(group["proj_type"], grad.shape)
-            fresh = state["step"] % group["update_proj_gap"] == 0
-            if fresh or not any(k in state for k in ("proj_u", "proj_v")):
-                # Alg. 2: if t mod T = 0 then recompute P_t, else reuse P_{t-1}; moments are kept
-                state.update(orthogonal_factors(grad, group["rank"], side, group.get("svd", "exact")))
-            grad = project(state, grad, side)
+        grad = _dense_grad(p)
+        state = self._state(p)
+        side = projection_side(group["proj_type"], grad.shape)
+        fresh = state["step"] % group["update_proj_gap"] == 0
+        if fresh or not any(k in state for k in ("proj_u", "proj_v")):
+            # Alg. 2: if t mod T = 0 then recompute P_t, else reuse P_{t-1}; moments are kept
+            state.update(orthogonal_factors(grad, group["rank"], side, group.get("svd", "exact")))
+        grad = project(state, grad, side)
         if "exp_avg" not in state:
             state["exp_avg"] = torch.zeros_like(grad)  # Alg. 2: M_0 ← 0 (projected shape)
             state["exp_avg_sq"] = torch.zeros_like(grad)  # Alg. 2: V_0 ← 0
         m, v = state["exp_avg"], state["exp_avg_sq"]
         state["step"] += 1
-        t = state["step"]
         m.mul_(beta1).add_(grad, alpha=1.0 - beta1)  # Alg. 2: M_t ← β1·M_{t-1} + (1-β1)·R_t
         v.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)  # Alg. 2: V_t ← β2·V_{t-1}+(1-β2)·R_t²
         denom = v.sqrt().add_(group["eps"])
-        step_size = group["lr"]
-        if group["correct_bias"]:  # Alg. 2's M_t/(1-β1^t), V_t/(1-β2^t), folded into η (galore-torch)
-            step_size = step_size * math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t)
-        update = m / denom  # Alg. 2: N_t ← M_t / (√V_t + ε)
-        if projected:
-            update = project_back(state, update, side, group["scale"])  # Alg. 2: G̃_t ← α·P_t N_t
-        p.add_(update, alpha=-step_size)  # Alg. 2: W_t ← W_{t-1} + η·G̃_t (G̃ is a descent direction)
+        update = torch.div(m, denom, out=denom)  # Alg. 2: N_t ← M_t / (√V_t + ε)
+        # Alg. 2: G̃_t ← α·P_t N_t and W_t ← W_{t-1} + η·G̃_t (G̃ a descent direction), α folded into the step
+        step_size = self._step_size(group, state["step"]) * group["scale"]
+        p.add_(project_back(state, update, side, 1.0), alpha=-step_size)
         if group["weight_decay"] > 0.0:  # decoupled decay after the update (galore-torch)
             p.add_(p, alpha=-group["lr"] * group["weight_decay"])
+
+    def _state(self, p: torch.Tensor) -> dict:
+        state = self.state[p]
+        if "step" not in state:
+            state["step"] = 0
+        return state
+
+    @staticmethod
+    def _step_size(group: dict, t: int) -> float:
+        """η, or η·sqrt(1-β2^t)/(1-β1^t): Alg. 2's M_t/(1-β1^t), V_t/(1-β2^t) folded into η (galore-torch)."""
+        beta1, beta2 = group["betas"]
+        if not group["correct_bias"]:
+            return group["lr"]
+        return group["lr"] * math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t)
+
+    def _adamw(self, params: list[torch.Tensor], group: dict) -> None:
+        """galore-torch's AdamW on the unprojected ``params``, all of them in one fused kernel
+        (``torch._fused_adamw_``); decoupled decay after the update, as galore-torch."""
+        beta1, beta2 = group["betas"]
+        by_step: dict[tuple, list[torch.Tensor]] = {}  # one kernel call per (step, device, dtype)
+        for p in params:
+            _dense_grad(p)
+            state = self._state(p)
+            if "exp_avg" not in state:
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["step"] += 1
+            by_step.setdefault((state["step"], p.device, p.dtype), []).append(p)
+        for (t, device, _), ps in by_step.items():
+            # the kernel steps by lr/(1-β1^t) · m/(√v/√(1-β2^t) + ε); with ε → ε/√(1-β2^t) this is
+            # lr·√(1-β2^t)/(1-β1^t) · m/(√v + ε), galore-torch's folded form (Alg. 2's bias corrections)
+            bc1, bc2 = 1.0 - beta1**t, 1.0 - beta2**t
+            eps = group["eps"] / math.sqrt(bc2)
+            lr = group["lr"] if group["correct_bias"] else group["lr"] * bc1 / math.sqrt(bc2)
+            steps = [torch.tensor(float(t), device=device)] * len(ps)
+            torch._fused_adamw_(ps, [p.grad for p in ps], [self.state[p]["exp_avg"] for p in ps],
+                                [self.state[p]["exp_avg_sq"] for p in ps], [], steps, lr=lr, beta1=beta1,
+                                beta2=beta2, weight_decay=0.0, eps=eps, amsgrad=False, maximize=False)
+            if group["weight_decay"] > 0.0:  # decoupled decay after the update (galore-torch)
+                torch._foreach_add_(ps, ps, alpha=-group["lr"] * group["weight_decay"])
 
     def update_in_backward(self) -> None:
         """Layer-wise updates (GaLore §4.3, "per-layer weight updates"): each parameter is updated by a

@@ -322,6 +322,9 @@ def load_model(model: str, num_labels: int, hub: Hub | None = None, *, loading: 
 
     loading = loading or Loading()
     kw = loading.from_pretrained_kwargs(head)
+    # fixed up front: transformers otherwise sets it in the first forward that has labels, which makes
+    # torch.compile (compile=true) recompile the model at the second step
+    kw["problem_type"] = "regression" if num_labels == 1 else "single_label_classification"
     if label_names is not None:
         kw.update(id2label=dict(enumerate(label_names)), label2id={n: i for i, n in enumerate(label_names)})
 
