@@ -26,6 +26,7 @@ IDENTITY_KEYS = {"task": "task.name", "variant": "variant.name", "rank": "varian
 NON_SEMANTIC = ("results_dir", "cache_dir", "assets_dir", "logger", "force", "save_adapter", "progress", "hydra",
                 "threads_per_job", "checkpoint_every", "task.cache_dir", "task.assets_dir",
                 "eval_merged", "compile",  # merged weights, compiled kernels: the same math, float rounding aside
+                "snapshot_steps", "snapshot_targets",  # weights saved on the way: the run is unchanged
                 "model.gradient_checkpointing")  # recomputes activations: same result, less memory
 
 

@@ -24,6 +24,7 @@ from torch import nn
 import variants
 from experiments import files, records, resume, schema, tasks  # noqa: F401  (schema: the structured configs, on import)
 from experiments.hub import Loading, ModelOptions
+from experiments.snapshots import Snapshots
 from experiments.trainer import OptimConfig, fit, pick_device, reseed, seed_everything, total_steps
 
 
@@ -110,6 +111,10 @@ def _top_level(cfg: dict) -> None:
     every = cfg.get("checkpoint_every", 0)
     if not (isinstance(every, int) and not isinstance(every, bool) and every >= 0):
         raise ConfigError(f"invalid option checkpoint_every={every!r}: expected an integer >= 0 (0: no checkpoints)")
+    steps = cfg.get("snapshot_steps") or []
+    if not (isinstance(steps, list) and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in steps)):
+        raise ConfigError(f"invalid option snapshot_steps={steps!r}: expected a list of integers >= 0 (the steps "
+                          "whose weights to save; 0: before training)")
     threads = cfg.get("threads_per_job")
     if threads is not None and not (isinstance(threads, int) and not isinstance(threads, bool) and threads >= 1):
         raise ConfigError(f"invalid option threads_per_job={threads!r}: expected an integer >= 1")
@@ -175,9 +180,17 @@ def build(cfg: dict, variant: variants.Variant | None = None) -> tuple[tasks.Tas
         device = str(pick_device(cfg.get("device", "auto")))
         options["loading"] = Loading(**dataclasses.asdict(_model_options(cfg)), device=device)
     task = tasks.build(cfg["task"]["name"], **options)
-    variant.check_steps(total_steps(_optim(cfg), len(task.train)))  # e.g. AdaLoRA's schedule must fit the run
+    steps = total_steps(_optim(cfg), len(task.train))
+    variant.check_steps(steps)  # e.g. AdaLoRA's schedule must fit the run
+    late = [t for t in cfg.get("snapshot_steps") or [] if t > steps]
+    if late:
+        raise ConfigError(f"invalid option snapshot_steps={cfg['snapshot_steps']}: step {late[0]} is beyond the "
+                          f"run's {steps} steps")
     reseed(seed, "adapter")
-    return task, variant, variant.apply(task.model)
+    model = variant.apply(task.model)
+    if cfg.get("snapshot_steps"):
+        _snapshot_modules(cfg, variant, model)  # snapshot_targets that match nothing: an error before training
+    return task, variant, model
 
 
 def run(cfg: dict) -> dict:
@@ -252,6 +265,18 @@ def _run(cfg: dict) -> dict:
         return _record_and_train(cfg, rid, task, variant, model, device)
 
 
+def _snapshot_modules(cfg: dict, variant: variants.Variant, model: nn.Module) -> list[str]:
+    """``snapshot_targets`` (resolved on the adapted model), or else the adapted layers, or else (full
+    fine-tuning, GaLore: no adapter) the variant's targets or the task's default targets."""
+    spec = cfg.get("snapshot_targets")
+    if spec is None and not variants.snapshot_modules(model):
+        spec = getattr(variant.cfg, "targets", None) or tasks.get(cfg["task"]["name"]).default_targets
+    try:
+        return variants.snapshot_modules(model, spec, head=variant.cfg.heads)
+    except variants.TargetError as e:
+        raise ConfigError(f"invalid option snapshot_targets={spec!r}: {e}") from None
+
+
 def _record_and_train(cfg, rid, task, variant, model, device) -> dict:
     from experiments.wandb_log import WandbRun
 
@@ -274,12 +299,21 @@ def _train(cfg, task, variant, model, record, wb) -> None:
     results_dir, rid = cfg["results_dir"], record["run_id"]
     checkpoint = resume.Checkpoint(records.record_path(results_dir, rid).with_suffix(".ckpt"),
                                    cfg.get("checkpoint_every", 0))
+    snapshots = None
+    if cfg.get("snapshot_steps"):
+        snapshots = Snapshots(records.record_path(results_dir, rid).with_suffix(".snapshots"), cfg["snapshot_steps"],
+                              _snapshot_modules(cfg, variant, model), {"variant": variant.name, "run_id": rid})
     if cfg.get("force", False):
         checkpoint.remove()  # force: from the start
+        if snapshots is not None:
+            snapshots.remove()
     try:
         result = fit(model, variant, task, _optim(cfg), seed=cfg["seed"], device=record["env"]["device"],
                      bf16=cfg.get("bf16", False), progress=cfg.get("progress"), log=wb.log, checkpoint=checkpoint,
-                     eval_merged=cfg.get("eval_merged", False), compile=cfg.get("compile", False))
+                     eval_merged=cfg.get("eval_merged", False), compile=cfg.get("compile", False),
+                     snapshots=snapshots)
+        if snapshots is not None:
+            record["snapshot_dir"] = str(snapshots.directory)
         record.update(result, status="ok")
         state = variant.summary(model)
         if state is not None:

@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from experiments.resume import SIGNALS, Checkpoint, Interrupted, deferred
+from experiments.snapshots import Snapshots
 from variants import Variant
 
 if TYPE_CHECKING:
@@ -253,7 +254,7 @@ class PeakMemory:
 def fit(model: nn.Module, variant: Variant, data: Task, cfg: OptimConfig, *, seed: int = 0,
         device: str | torch.device = "auto", bf16: bool = False, progress: bool | None = None,
         log: Callable[[dict, int], None] | None = None, checkpoint: Checkpoint | None = None,
-        eval_merged: bool = False, compile: bool = False) -> dict:
+        eval_merged: bool = False, compile: bool = False, snapshots: Snapshots | None = None) -> dict:
     """Train ``model`` (already adapted by ``variant``) on the task ``data`` (its splits, loss and metrics)
     and evaluate it. Returns metrics, history, cost (and ``resumed_from``, the step a checkpoint gave).
 
@@ -261,6 +262,8 @@ def fit(model: nn.Module, variant: Variant, data: Task, cfg: OptimConfig, *, see
     the first steps pay the compilation, which the step-time median leaves out).
     ``eval_merged``: evaluate with the adapter merged into the frozen weights where the method can
     (``Variant.merged_for_eval``; the weights are restored exactly after each evaluation).
+
+    ``snapshots``: save the snapshotted modules' weights at its steps (step 0: before the first update).
 
     With ``checkpoint``, training resumes from its state when there is one, saves it every
     ``checkpoint.every`` steps, and saves it before stopping on SIGINT/SIGTERM (``resume.Interrupted``)."""
@@ -335,6 +338,15 @@ def fit(model: nn.Module, variant: Variant, data: Task, cfg: OptimConfig, *, see
     show = _show_progress() if progress is None else progress
     bar = _progress(steps, show)
     bar.update(start)
+    def snapshot_weights(step: int) -> None:  # its own memory window: the float32 copies are no training cost
+        if snapshots is not None and snapshots.due(step):
+            resume = memory.current
+            memory.switch("snapshot")
+            snapshots.take(step, model)
+            memory.switch(resume)
+
+    if start == 0:
+        snapshot_weights(0)
     model.train()
     memory.switch("train")  # the training window: model, data and optimizer exist; evaluations are apart
     t_start = time.perf_counter()
@@ -391,6 +403,7 @@ def fit(model: nn.Module, variant: Variant, data: Task, cfg: OptimConfig, *, see
             history.append(entry)
             pending.append((entry, torch.stack(micro), timer.stop(t0)))
             bar.update(1)
+            snapshot_weights(step + 1)
             evaluating = cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < steps
             if (step + 1) % sync_every == 0 or step + 1 == steps or evaluating:
                 flush()

@@ -35,6 +35,9 @@ CASES = [  # (arguments, a fragment of the one line)
     (["results_dir="], "results_dir=''"), (["results_dir=/proc/lorabench"], "results_dir='/proc/lorabench'"),
     (["cache_dir=/proc/lorabench"], "cache_dir='/proc/lorabench'"), (["experiment=nope"], "unknown experiment"),
     (["checkpoint_every=-1"], "checkpoint_every=-1"), (["checkpoint_every=abc"], "checkpoint_every='abc'"),
+    (["snapshot_steps=[-1]"], "snapshot_steps=[-1]"), (["snapshot_steps=abc"], "snapshot_steps='abc'"),
+    (["snapshot_steps=[100000]"], "step 100000 is beyond"),
+    (["snapshot_steps=[1]", "snapshot_targets=nope"], "snapshot_targets='nope'"),
     (["model.quantize=nf4"], "model.quantize=nf4: task 'synthetic'"), (["model.quantize=nope"], "model.quantize"),
     # variant
     (["variant=nope"], "unknown variant 'nope'"), (["variant.rank=0"], "rank=0"), (["variant.rank=1.5"], "rank=1.5"),

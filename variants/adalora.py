@@ -53,10 +53,15 @@ class AdaLoRALinear(LoRALinear):
         nn.init.normal_(self.lora_A, mean=0.0, std=0.02)
         nn.init.normal_(self.lora_B, mean=0.0, std=0.02)
 
-    def lora_out(self, x: torch.Tensor) -> torch.Tensor:
-        """P Λ Q dropout(x) · alpha/(ranknum + 1e-5) — eq. 1's ΔW = PΛQ applied to x."""
-        h = F.linear(F.linear(self.lora_dropout(x).to(self.lora_A.dtype), self.lora_A * self.lora_E), self.lora_B)
-        return h * self.scaling / (self.ranknum + 1e-5)
+    def lora_in(self, x: torch.Tensor) -> torch.Tensor:
+        """Λ Q dropout(x) · alpha/(ranknum + 1e-5), (..., r): eq. 1's ΔW = PΛQ before P (LoRALinear.forward
+        accumulates P's product into the base output)."""
+        scale = self.scaling / (self.ranknum + 1e-5)
+        return F.linear(self.lora_dropout(x).to(self.lora_A.dtype), self.lora_A * self.lora_E) * scale
+
+    @property
+    def update_scale(self) -> float:
+        return float(self.scaling / (self.ranknum + 1e-5))
 
     def delta(self) -> torch.Tensor:
         """ΔW = P Λ Q · alpha/(ranknum + 1e-5) (eq. 1), (out, in)."""

@@ -85,6 +85,14 @@ class DoRALinear(LoRALinear):
                         self.lora_B.T).view(*x.shape[:-1], -1)
         return g * h if shift is None else torch.addcmul(shift, g, h)
 
+    @torch.no_grad()
+    def effective_weight(self) -> torch.Tensor:
+        """W' = m · (W0 + sBA) / ||W0 + sBA||_c (eq. 5), (out, in)."""
+        W = dense_weight(self.base_layer)
+        if self.merged:
+            return W
+        return (self.dora_scale()[:, None] * (W + self.delta().to(W.dtype))).to(W.dtype)
+
     def _per_row(self, g: torch.Tensor) -> torch.Tensor:
         """g shaped to scale the output rows of the stored weight (its columns for Conv1D)."""
         return g[None, :] if self.fan_in_fan_out else g[:, None]

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import LowRankConfig, Variant, VariantError, _check, lora_scale, register
-from .targets import head_module_names
+from .targets import head_module_names, resolve_targets
 
 
 def conv1d_type() -> type | None:
@@ -96,6 +96,17 @@ class _LowRankUpdate(nn.Module):
 
     def delta_weight(self) -> torch.Tensor:
         raise NotImplementedError
+
+    @property
+    def update_scale(self) -> float:
+        """s of ΔW = s·B A (AdaLoRA: alpha / (ranknum + 1e-5)), as a number."""
+        return float(self.scaling)
+
+    @torch.no_grad()
+    def effective_weight(self) -> torch.Tensor:
+        """The (out, in) weight the layer computes with, W0 + ΔW, merged or not (a Linear layer's)."""
+        W = dense_weight(self.base_layer)
+        return W if self.merged else W + self.delta().to(W.dtype)
 
     def _check_mergeable(self) -> None:
         """Raise where ΔW cannot be added to the stored weight (a quantized base)."""
@@ -201,16 +212,25 @@ class LoRALinear(_LowRankUpdate):
     def out_features(self) -> int:
         return self.lora_B.shape[0]
 
+    def lora_in(self, x: torch.Tensor) -> torch.Tensor:
+        """s·A dropout(x), (..., r): the scale is applied to the rank-r intermediate, not the output."""
+        return F.linear(self.lora_dropout(x).to(self.lora_A.dtype), self.lora_A) * self.scaling
+
     def lora_out(self, x: torch.Tensor) -> torch.Tensor:
         """s·B A dropout(x) — the low-rank branch (LoRA eq. 3)."""
-        x = self.lora_dropout(x).to(self.lora_A.dtype)
-        return F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scaling
+        return F.linear(self.lora_in(x), self.lora_B)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
         if self.merged:
             return out
-        return out + self.lora_out(x).to(out.dtype)
+        h = self.lora_in(x)
+        if out.dtype != h.dtype:  # a 16-bit or quantized base: the float32 update is cast to the output's
+            return out + F.linear(h, self.lora_B).to(out.dtype)
+        # eq. 3, h = W0 x + B (s·A x): B's product accumulated into the base output by one addmm, so neither
+        # an out-sized temporary for the update nor a separate add (docs/bench.md)
+        return torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, h.shape[-1]),
+                           self.lora_B.T).view(out.shape)
 
     def delta(self) -> torch.Tensor:
         """ΔW = s·B A, (out, in)."""
@@ -258,6 +278,33 @@ class LoRAEmbedding(_LowRankUpdate):
     def delta_weight(self) -> torch.Tensor:
         """ΔE = s·(B A)ᵀ, shaped like the table (num_embeddings x dim)."""
         return (self.lora_embedding_B @ self.lora_embedding_A).T * self.scaling
+
+
+@torch.no_grad()
+def weight_snapshot(model: nn.Module, names: list[str]) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """The weights of the modules ``names`` as they are now, float32 on the CPU: ``<name>.weight``, the
+    (out, in) weight the module computes with (an adapted layer's W0 + ΔW, DoRA's m·V), plus an adapted
+    layer's own tensors ``<name>.lora_A``, ``.lora_B`` ...; and {name: s} of the adapted ones."""
+    tensors, scales = {}, {}
+    for name in names:
+        m = model.get_submodule(name)
+        if isinstance(m, _LowRankUpdate):
+            tensors[f"{name}.weight"] = m.effective_weight()
+            tensors.update({f"{name}.{k}": p for k, p in m.named_parameters(recurse=False)})
+            scales[name] = m.update_scale
+        else:
+            tensors[f"{name}.weight"] = dense_weight(m)
+    return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()}, scales
+
+
+def snapshot_modules(model: nn.Module, spec=None, head=()) -> list[str]:
+    """The Linear modules a weight snapshot covers: those ``spec`` names (resolve_targets, on the adapted
+    model: an adapted layer stands for its base layer), or every adapted layer when ``spec`` is None."""
+    adapted = [n for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+    if spec is None:
+        return adapted
+    names = [n.removesuffix(".base_layer") for n in resolve_targets(model, spec, head=head)]
+    return list(dict.fromkeys(n for n in names if not any(n.startswith(f"{a}.") for a in adapted)))
 
 
 def wrap_targets(model: nn.Module, names: list[str], make) -> dict[str, nn.Module]:
