@@ -48,7 +48,8 @@ FAMILIES: dict[str, dict[str, list[str]]] = {
     "t5": {"q": ["q"], "k": ["k"], "v": ["v"], "o": ["o"], "mlp": ["wi", "wi_0", "wi_1", "wo"]},  # T5, mT5
     "vit": {"q": ["q_proj"], "k": ["k_proj"], "v": ["v_proj"], "o": ["o_proj"], "mlp": ["mlp.fc1", "mlp.fc2"]},
 }
-ROLES = {"q": ("q",), "k": ("k",), "v": ("v",), "o": ("o",), "qv": ("q", "v"), "qkvo": ("q", "k", "v", "o"),
+ROLES = {"q": ("q",), "k": ("k",), "v": ("v",), "o": ("o",), "qk": ("q", "k"), "qv": ("q", "v"),
+         "qkvo": ("q", "k", "v", "o"),
          "attn": ("q", "k", "v", "o"), "mlp": ("mlp",)}  # preset -> roles
 # config.model_type -> the families whose names it may use, first match wins (see _family)
 _MODEL_TYPES = {

@@ -46,14 +46,18 @@ class MLP(nn.Module):
         return self.classifier(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
 
 
-def load(data_seed: int, val_frac: float, test_frac: float):
-    """Images scaled to [0, 1] and a seeded split, stratified by class: {split: (x, y)}."""
+def load(data_seed: int, val_frac: float, test_frac: float, image_size: int = 8):
+    """Images scaled to [0, 1] (bilinearly resized to ``image_size`` x ``image_size`` when not 8, flattened)
+    and a seeded split, stratified by class: {split: (x, y)}."""
     try:
         from sklearn.datasets import load_digits
     except ImportError:
         raise TaskError("task 'digits' needs scikit-learn (`make setup` installs it)") from None
     x, y = load_digits(return_X_y=True)
     x = torch.tensor(x / 16.0, dtype=torch.float32)
+    if image_size != 8:  # e.g. 28: MNIST's 784 inputs, for the classic 784-1000-2000-10 LoRA demonstration
+        x = nn.functional.interpolate(x.view(-1, 1, 8, 8), size=(image_size, image_size), mode="bilinear",
+                                      align_corners=False).flatten(1)
     y = torch.tensor(y, dtype=torch.long)
     rng = np.random.default_rng(data_seed)
     parts = {"train": [], "val": [], "test": []}
@@ -75,9 +79,9 @@ def per_class_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> li
 def pretrain(splits, hidden1: int, hidden2: int, steps: int, lr: float, batch_size: int, seed: int) -> MLP:
     """A short Adam run on every class: a decent base with one clearly weakest class."""
     torch.manual_seed(seed)
-    model = MLP(hidden1, hidden2)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
     x, y = splits["train"]
+    model = MLP(hidden1, hidden2, d_in=x.shape[1])
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
     g = torch.Generator().manual_seed(seed)
     for _ in range(steps):
         idx = torch.randint(len(x), (batch_size,), generator=g)
@@ -94,7 +98,7 @@ def cached_base(cache_dir: str | os.PathLike, splits, split_spec: list, **spec) 
     root = Path(cache_dir).expanduser() / "digits"
     weights, facts_path = root / f"base-{key}.safetensors", root / f"base-{key}.json"
     if weights.exists() and facts_path.exists():
-        model = MLP(spec["hidden1"], spec["hidden2"])
+        model = MLP(spec["hidden1"], spec["hidden2"], d_in=splits["train"][0].shape[1])
         try:
             model.load_state_dict(load_file(weights))
             facts = json.loads(facts_path.read_text())
@@ -125,7 +129,7 @@ def _collate(rows):
                train_head=False, default_targets=["fc1", "fc2"])
 def build(hidden1: int = 256, hidden2: int = 256, pretrain_steps: int = 30, pretrain_lr: float = 1e-3,
           pretrain_batch_size: int = 32, pretrain_seed: int = 0, data_seed: int = 1234, val_frac: float = 0.2,
-          test_frac: float = 0.2, weak_class: int | None = None, replay: float = 0.0,
+          test_frac: float = 0.2, weak_class: int | None = None, replay: float = 0.0, image_size: int = 8,
           cache_dir: str = "~/.cache/lorabench") -> Task:
     if not (0 < val_frac < 1 and 0 < test_frac < 1 and val_frac + test_frac < 1):
         raise TaskError(f"invalid option task.val_frac/test_frac={val_frac}/{test_frac}: expected fractions "
@@ -136,12 +140,16 @@ def build(hidden1: int = 256, hidden2: int = 256, pretrain_steps: int = 30, pret
         raise TaskError(f"invalid option task.weak_class={weak_class}: expected null or 0..9")
     if min(hidden1, hidden2, pretrain_steps, pretrain_batch_size) < 1:
         raise TaskError("invalid option task.hidden1/hidden2/pretrain_steps/pretrain_batch_size: expected >= 1")
-    splits = load(data_seed, val_frac, test_frac)
+    if not (isinstance(image_size, int) and 8 <= image_size <= 64):
+        raise TaskError(f"invalid option task.image_size={image_size!r}: expected an integer in [8, 64] (8: the "
+                        "original 8x8 images; 28: MNIST's 784 inputs)")
+    splits = load(data_seed, val_frac, test_frac, image_size)
     spec = dict(hidden1=hidden1, hidden2=hidden2, steps=pretrain_steps, lr=pretrain_lr,
                 batch_size=pretrain_batch_size, seed=pretrain_seed)
     with torch.random.fork_rng(devices=[]):  # building the task must not move the run's RNG streams
-        base, facts = cached_base(cache_dir, splits, [data_seed, val_frac, test_frac], **spec)
-        model = MLP(hidden1, hidden2)
+        split_spec = [data_seed, val_frac, test_frac] + ([image_size] if image_size != 8 else [])
+        base, facts = cached_base(cache_dir, splits, split_spec, **spec)
+        model = MLP(hidden1, hidden2, d_in=image_size**2)
     model.load_state_dict(base.state_dict())
     weak = facts["weak_class"] if weak_class is None else weak_class
 
