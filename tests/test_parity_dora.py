@@ -10,7 +10,7 @@ from tiny import MODELS, output_of
 
 import variants
 from variants.dora import DoRA, DoRALinear
-from variants.lora import adapter_layers
+from variants.lora import adapter_layers, dense_weight
 from variants.targets import head_module_names
 
 RANK, ALPHA = 4, 8.0
@@ -228,3 +228,141 @@ def test_trainable_params_match_peft(model_name):
     pm = peft_twin(model_name, v, ours, torch.float32)
     assert v.peft_config(ours)["use_dora"] is True
     assert v.cost(ours)["trainable_params"] == pm.get_nb_trainable_parameters()[0]
+
+
+# ------------------------------------------------------------------- the hand-written backward (dropout-free)
+
+
+def _fn_inputs(n, n_in, n_out, bias, seed=0, x_grad=True):
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)  # noqa: E731
+    x = rand(n, n_in).requires_grad_(x_grad)
+    W, A, B = rand(n_out, n_in).requires_grad_(), rand(3, n_in).requires_grad_(), rand(n_out, 3).requires_grad_()
+    gvec = (0.5 + torch.rand(n_out, generator=g, dtype=torch.float64)).requires_grad_()
+    b = rand(n_out).requires_grad_() if bias else None
+    return x, W, A, B, gvec, b, 1.7
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize(("n", "n_in", "n_out"), [(6, 13, 7), (20, 5, 7)], ids=["scale-grad", "fold-W0"])
+@pytest.mark.parametrize("x_grad", [True, False], ids=["x-grad", "no-x-grad"])
+def test_dora_function_gradcheck(bias, n, n_in, n_out, x_grad):
+    """Every input's gradient by finite differences, both ways of applying g to dL/dx (6x13 -> 7: W0 is the
+    larger, grad is scaled; 20x5 -> 7: W0's rows are), and with x frozen (the first adapted layer)."""
+    from variants.dora import _DoRAFunction
+
+    inputs = _fn_inputs(n, n_in, n_out, bias, x_grad=x_grad)
+    assert torch.autograd.gradcheck(_DoRAFunction.apply, inputs)
+
+
+def _fused(y) -> bool:
+    """Whether ``y`` came out of _DoRAFunction (through the reshape back to x's leading dims, if any)."""
+    fn = y.grad_fn
+    while fn is not None and type(fn).__name__ == "ViewBackward0":
+        fn = fn.next_functions[0][0]
+    return fn is not None and "_DoRAFunction" in type(fn).__name__
+
+
+def _old_path(layers, on: bool):
+    """Route the layers through ``adapted`` (plain autograd, the path before _DoRAFunction) or not."""
+    for layer in layers:
+        if on:
+            layer.fused_backward = lambda x, W: False
+        else:
+            layer.__dict__.pop("fused_backward", None)
+
+
+def _grads(out, go, tensors):
+    return out.detach(), torch.autograd.grad(out, tensors, go)
+
+
+@pytest.mark.parametrize("layer_kind", ["linear", "linear-no-bias", "conv1d"])
+def test_fused_layer_equals_autograd_path(layer_kind):
+    """One layer, 3-D input: the same output and gradients (x, A, B, m) as the addcmul path, to 1e-12."""
+    torch.manual_seed(0)
+    if layer_kind == "conv1d":
+        from transformers.pytorch_utils import Conv1D
+
+        base = Conv1D(11, 9).to(torch.float64)  # (in=9, out=11), W stored in x out
+        torch.nn.init.normal_(base.weight, std=0.3)
+        torch.nn.init.normal_(base.bias, std=0.3)
+    else:
+        base = torch.nn.Linear(9, 11, bias=layer_kind == "linear", dtype=torch.float64)
+    base.requires_grad_(False)
+    layer = DoRALinear(base, rank=3, scale=2.0)
+    randomize(torch.nn.Sequential(layer), seed=2)
+    assert layer.fan_in_fan_out == (layer_kind == "conv1d")
+    x = torch.randn(2, 5, 9, dtype=torch.float64, requires_grad=True)
+    go = torch.randn(2, 5, 11, dtype=torch.float64)
+    params = [x, layer.lora_A, layer.lora_B, layer.lora_magnitude_vector]
+    y = layer(x)
+    assert _fused(y)
+    new = _grads(y, go, params)
+    _old_path([layer], True)
+    y_old = layer(x)
+    assert y_old.grad_fn is not None and not _fused(y_old)
+    old = _grads(y_old, go, params)
+    torch.testing.assert_close(new[0], old[0], rtol=0, atol=1e-12)
+    for name, a, b in zip(["x", "A", "B", "m"], new[1], old[1], strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12, msg=lambda s, n=name: f"{n}: {s}")
+    # and the dense formula (eq. 5, detached norm): W' x + b
+    V = dense_weight(base) + layer.scaling * layer.lora_B @ layer.lora_A
+    g = layer.lora_magnitude_vector / torch.linalg.norm(V, dim=1).detach()
+    torch.testing.assert_close(new[0], F.linear(x, g[:, None] * V, base.bias).detach(), rtol=0, atol=1e-12)
+
+
+def _gpt2():
+    from tiny import tiny_gpt2, token_batch
+
+    return tiny_gpt2, lambda: token_batch(num_labels=None), {"targets": ["c_attn", "c_proj", "c_fc"],
+                                                             "train_head": False}
+
+
+@pytest.mark.parametrize("model_name", ["mlp", "bert", "llama", "gpt2"])
+def test_fused_model_equals_autograd_path(model_name):
+    """Whole tiny models (GPT-2: Conv1D layers) in float64, train mode, dropout 0: outputs and the gradients of
+    every trainable tensor equal the addcmul path's to 1e-12, over two AdamW steps."""
+    factory, batch_fn, opts = _gpt2() if model_name == "gpt2" else MODELS[model_name]
+    runs = {}
+    for old in (False, True):
+        v = variants.create("dora", rank=RANK, alpha=ALPHA, dropout=0.0, **opts)
+        model = v.apply(factory().to(torch.float64))
+        randomize(model, seed=0)
+        layers = [layer for _, layer in adapter_layers(model, DoRALinear)]
+        assert layers
+        _old_path(layers, old)
+        batch = {k: t.to(torch.float64) if t.is_floating_point() else t for k, t in batch_fn().items()}
+        opt = v.optimizer(model, lr=1e-2)
+        model.train()
+        seen = []
+        for _ in range(2):
+            out = output_of(model, batch)
+            out.double().pow(2).mean().backward()  # a loss with gradient everywhere
+            seen.append((out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+            opt.step()
+            opt.zero_grad()
+        runs[old] = seen, {n: p.detach().clone() for n, p in model.named_parameters()}
+    (new_steps, new_params), (old_steps, old_params) = runs[False], runs[True]
+    for (out_n, g_n), (out_o, g_o) in zip(new_steps, old_steps, strict=True):
+        torch.testing.assert_close(out_n, out_o, rtol=0, atol=1e-12)
+        assert set(g_n) == set(g_o) and any(n.endswith("lora_magnitude_vector") for n in g_n)
+        for n in g_n:
+            torch.testing.assert_close(g_n[n], g_o[n], rtol=0, atol=1e-12, msg=lambda s, n=n: f"{n}: {s}")
+    for n in new_params:
+        torch.testing.assert_close(new_params[n], old_params[n], rtol=0, atol=1e-12)
+
+
+def test_fused_path_is_taken_only_where_it_applies():
+    """float32/float64 base, dropout-free or eval: _DoRAFunction; a bf16 base, dropout in training or
+    autocast: the autograd path."""
+    x = torch.randn(4, 8)
+    for dtype in (torch.float32, torch.float64):
+        layer = DoRALinear(torch.nn.Linear(8, 6, dtype=dtype), rank=2, scale=1.0)
+        assert _fused(layer(x.to(dtype)))
+    layer = DoRALinear(torch.nn.Linear(8, 6, dtype=torch.bfloat16), rank=2, scale=1.0)
+    assert not _fused(layer(x.to(torch.bfloat16)))
+    layer = DoRALinear(torch.nn.Linear(8, 6), rank=2, scale=1.0, dropout=0.1)
+    assert not _fused(layer.train()(x))
+    assert _fused(layer.eval()(x))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast would recast the forward's matmuls only
+        assert not _fused(layer(x))

@@ -72,3 +72,18 @@ def test_snapshot_targets_pick_modules_for_full_fine_tuning(tmp_path):
                                    results_dir=tmp_path))
     weights, _ = _load(tmp_path / "runs" / f"{rec['run_id']}.snapshots" / "step_000006.safetensors")
     assert sorted(weights) == ["fc2.weight"]
+
+
+def test_snapshot_targets_take_presets_on_an_adapted_model(tmp_path):
+    """A preset names the same modules on the adapted model (LoRA's wrapped layers stand for their Linear)
+    as on the plain one (full fine-tuning): the weight analyses compare the two module for module."""
+    import variants
+    from tests.tiny import tiny_bert
+    from variants import snapshot_modules
+
+    plain = tiny_bert()
+    lora = variants.create("lora", rank=2, targets="qv").apply(tiny_bert())
+    for spec in ("qv", "q", "all-linear", ["query"]):
+        assert snapshot_modules(lora, spec) == snapshot_modules(plain, spec), spec
+    assert all(n.endswith(("query", "value")) for n in snapshot_modules(lora, "qv"))
+    assert snapshot_modules(lora) == snapshot_modules(plain, "qv")

@@ -4,7 +4,8 @@ The weight is split into a trainable magnitude ``m`` (one scalar per output row,
 and a direction updated by LoRA. The row norm is treated as a constant (detached, paper §4.3), so the
 layer is ``g ⊙ (W0 x + s·BAx) + b`` with ``g = m / ||W0 + sBA||_c``. Semantics, parameter names and the
 saved layout equal peft's ``LoraConfig(use_dora=True)``; unlike peft, the norm is computed without ever
-forming an out x in matrix (see ``DoRALinear.weight_norm``).
+forming an out x in matrix (see ``DoRALinear.weight_norm``), and the dropout-free layer has a hand-written
+backward (``_DoRAFunction``) that skips the out-sized elementwise passes autograd would spend on it.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from .base import register
 from .lora import LoRA, LoRALinear, dense_weight
@@ -23,6 +25,65 @@ def _linear(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None = None) -> 
     if W.dtype == x.dtype:
         return F.linear(x, W, b)
     return F.linear(x.to(W.dtype), W, b).to(x.dtype)
+
+
+class _DoRAFunction(torch.autograd.Function):
+    """y = g ⊙ h + b, h = W0 x + B u, u = s·A x, for 2-D x (N x in): DoRA's dropout-free layer (eq. 5 with the
+    detached norm, §4.3: g = m / ||W0 + sBA||_c enters as a given vector; its gradient flows on to m through
+    ``dora_scale``). W0 is (out, in) in the adapter's dtype, b may be None, s is a number.
+
+    Forward as ``DoRALinear.adapted``, bit for bit, except that the low-rank product is accumulated into
+    W0 x in place (no copy of it); it saves x, u and h, as autograd would. The backward is written out
+    (grad = dL/dy, N x out):
+
+        dL/dh   = grad ⊙ g                               formed only where smaller than g ⊙ W0 (dL/dx)
+        dL/du   = (grad ⊙ g) B = grad (g ⊙ B)            N x r
+        dL/dx   = (grad ⊙ g) W0 + dL/du · s A            grad (g ⊙ W0) where out x in <= N x out, else
+                                                          (grad ⊙ g) W0: the smaller elementwise pass
+        dL/dA   = s · (dL/du)ᵀ x
+        dL/dB   = g ⊙ (gradᵀ u)                          rows of an out x r product scaled
+        dL/dg_i = Σ_n grad_ni h_ni                       one ``linalg.vecdot``; exact, with no division by
+                                                          g (h is saved, not recovered from y = g ⊙ h + b)
+        dL/dW0  = g ⊙ (gradᵀ x),  dL/db = Σ_n grad_n     only if asked (W0 and b are frozen here)
+
+    Autograd's graph for ``adapted`` spends, besides the same matmuls, four N x out passes on addcmul's
+    backward (h·value, grad ⊙ that, its sum over N, grad ⊙ g), an N x in add of the two x-gradients and, in
+    the forward, a copy of W0 x for the out-of-place addmm; here: vecdot (a product and a sum), an
+    in-place addmm for dL/dx, and g applied to out x r (and out x in) tensors.
+    """
+
+    @staticmethod
+    def forward(ctx, x, W, A, B, g, b, s):
+        u = F.linear(x, A) * s
+        h = F.linear(x, W).addmm_(u, B.T)
+        ctx.save_for_backward(x, u, h, W, A, B, g)
+        ctx.s, ctx.has_bias = s, b is not None
+        return g * h if b is None else torch.addcmul(b, g, h)
+
+    @staticmethod
+    @once_differentiable  # x, u and h carry no graph here: a double backward raises rather than being wrong
+    def backward(ctx, grad):
+        x, u, h, W, A, B, g = ctx.saved_tensors
+        need_x, need_W, need_A, need_B, need_g, need_b, _ = ctx.needs_input_grad
+        gx = gW = gA = gB = gg = gb = None
+        gc = g[:, None]
+        # g folded into the rows of W0 (out x in) or into grad's columns (N x out, dL/dh): the smaller pass
+        gs = grad * g if need_x and W.numel() > grad.numel() else None
+        if need_x or need_A:
+            gu = (grad @ (gc * B) if gs is None else gs @ B) * ctx.s  # s·dL/du, N x r
+            if need_x:
+                gx = (grad @ (gc * W) if gs is None else gs @ W).addmm_(gu, A)
+            if need_A:
+                gA = gu.T @ x
+        if need_B:
+            gB = (grad.T @ u).mul_(gc) if gs is None else gs.T @ u
+        if need_g:
+            gg = torch.linalg.vecdot(grad, h, dim=0)
+        if need_W:
+            gW = (grad.T @ x).mul_(gc)
+        if need_b and ctx.has_bias:
+            gb = grad.sum(0)
+        return gx, gW, gA, gB, gg, gb, None
 
 
 class DoRALinear(LoRALinear):
@@ -70,11 +131,24 @@ class DoRALinear(LoRALinear):
         dtype, x = x.dtype, x.to(self.lora_A.dtype)
         g = self.dora_scale().to(x.dtype)
         if isinstance(self.lora_dropout, nn.Identity) or not self.training:
+            if self.fused_backward(x, W):
+                x2 = x.reshape(-1, x.shape[-1])
+                y = _DoRAFunction.apply(x2, W, self.lora_A, self.lora_B, g, b, self.scaling)
+                return y.view(*x.shape[:-1], -1).to(dtype)
             return self.adapted(x, g, b, W).to(dtype)  # eq. 5: m/||W0 + sBA||_c · (W0 + sBA) x + b
         # dropout on the adapter input only (as peft): W0 x + b + (g − 1) ⊙ W0 x̃ + g ⊙ s·BA x̃, x̃ = drop(x),
         # i.e. eq. 5 applied to x̃ plus the part of W0 x that dropout removed
         xd = self.lora_dropout(x)
         return self.adapted(xd, g, _linear(x - xd, W, b), W).to(dtype)
+
+    def fused_backward(self, x: torch.Tensor, W: torch.Tensor) -> bool:
+        """Whether the dropout-free layer runs as ``_DoRAFunction``: a float32/float64 base in the adapter's
+        dtype (not 16-bit, not quantized) and no autocast (which would recast its matmuls in the forward
+        only). Otherwise ``adapted``, the same values through autograd (which, unlike _DoRAFunction, also
+        takes a second derivative: create_graph=True)."""
+        device = x.device.type
+        return (not self.quantized and W.dtype == x.dtype == self.lora_A.dtype
+                and not (torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)))
 
     def adapted(self, x: torch.Tensor, g: torch.Tensor, shift: torch.Tensor | None,
                 W: torch.Tensor | None = None) -> torch.Tensor:

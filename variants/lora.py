@@ -300,11 +300,9 @@ def weight_snapshot(model: nn.Module, names: list[str]) -> tuple[dict[str, torch
 def snapshot_modules(model: nn.Module, spec=None, head=()) -> list[str]:
     """The Linear modules a weight snapshot covers: those ``spec`` names (resolve_targets, on the adapted
     model: an adapted layer stands for its base layer), or every adapted layer when ``spec`` is None."""
-    adapted = [n for n, m in model.named_modules() if isinstance(m, LoRALinear)]
     if spec is None:
-        return adapted
-    names = [n.removesuffix(".base_layer") for n in resolve_targets(model, spec, head=head)]
-    return list(dict.fromkeys(n for n in names if not any(n.startswith(f"{a}.") for a in adapted)))
+        return [n for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+    return resolve_targets(model, spec, head=head, also=(LoRALinear,))
 
 
 def wrap_targets(model: nn.Module, names: list[str], make) -> dict[str, nn.Module]:

@@ -206,13 +206,17 @@ def _resolve_preset(preset: str, model_type: str | None, linear: Sequence[str]) 
     return [n for n in linear if n in chosen]
 
 
-def resolve_targets(model: nn.Module, spec, head: Sequence[str] = ()) -> list[str]:
-    """Names of the modules to adapt, in ``named_modules`` order; raises ``TargetError`` if unusable."""
+def resolve_targets(model: nn.Module, spec, head: Sequence[str] = (), also: tuple[type, ...] = ()) -> list[str]:
+    """Names of the modules to adapt, in ``named_modules`` order; raises ``TargetError`` if unusable.
+    ``also``: more module types that count as Linear (an adapted layer, whose base layer then sits inside it)."""
     explicit = hasattr(spec, "__iter__") and not isinstance(spec, str)  # a list: names, never a preset
     if explicit:
         spec = list(spec)
     modules = [(n, m) for n, m in model.named_modules() if n and not _in_head(n, head)]
-    kinds = _linear_types()
+    if also:  # an adapted layer stands for the Linear it wraps: its base layer is not a module of its own here
+        inside = [n for n, m in modules if isinstance(m, also)]
+        modules = [(n, m) for n, m in modules if not any(n.startswith(f"{a}.") for a in inside)]
+    kinds = (*_linear_types(), *also)
     linear = [n for n, m in modules if isinstance(m, kinds)]
     if spec == "all-linear":
         names = linear

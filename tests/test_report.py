@@ -1,0 +1,120 @@
+"""experiments.report: the runs of an experiment are exactly its sweep's (run ids as train makes them), the
+verdict rules on constructed differences, and whole reports on constructed records with known answers."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from experiments import findings, records, report  # noqa: F401  (findings registers the reports)
+from experiments.report import NOT_COMPARABLE, NOT_REPRODUCED, REPRODUCED, Diff
+
+
+def test_every_paper_experiment_has_a_report_and_composes():
+    """Each cpu experiment composes (its base config) and has a finding registered to report it."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    import experiments.schema  # noqa: F401  (the structured configs the YAMLs start from)
+
+    names = report.experiments()
+    assert len(names) >= 15 and set(names) == set(report.FINDINGS)
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(report.CONF), version_base="1.3"):
+        for name in names:
+            cfg = compose("train", overrides=[f"experiment={name}"], return_hydra_config=True)
+            assert cfg.hydra.sweeper.params and "/paper/" in cfg.results_dir, name
+    GlobalHydra.instance().clear()
+
+
+@pytest.mark.slow  # every job of every sweep: about a minute
+def test_every_sweep_expands_to_distinct_runs():
+    for name in report.experiments():
+        cfg, jobs = report.sweep(name)
+        assert jobs and len({j.run_id for j in jobs}) == len(jobs), name  # every job a distinct run
+        assert "/paper/" in jobs[0].config["results_dir"], name
+
+
+def test_sweep_run_ids_are_the_ids_train_writes(tmp_path, monkeypatch):
+    """One job of a real multirun through the command line: its record's id is the one ``sweep`` computes."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    from experiments import train
+
+    narrow = ["optim.lr=1e-3", "seed=1"]  # the command line narrows the sweep, as Hydra's sweeper does
+    GlobalHydra.instance().clear()
+    monkeypatch.setattr(sys, "argv", ["lorabench-train", "-m", "experiment=paper/digits_rank1", *narrow,
+                                      f"results_dir={tmp_path}", "logger=none"])
+    train.cli()
+    written = [p.stem for p in (tmp_path / "runs").glob("*.json")]
+    _, jobs = report.sweep("paper/digits_rank1", tuple(narrow))
+    assert written == [j.run_id for j in jobs] and len(written) == 1
+    _, every = report.sweep("paper/digits_rank1")
+    assert written[0] in {j.run_id for j in every} and len(every) == 12
+
+
+@pytest.mark.parametrize(("diff", "label"), [
+    (Diff(0.03, 0.01, 0.05, 3), REPRODUCED), (Diff(-0.03, -0.05, -0.01, 3), NOT_REPRODUCED),
+    (Diff(0.01, -0.02, 0.04, 3), NOT_REPRODUCED), (Diff(0.01, float("nan"), float("nan"), 1), NOT_COMPARABLE)])
+def test_sign_verdict(diff, label):
+    v = report.sign_verdict("a > b", diff, "a − b")
+    assert v.label == label and "a − b" in v.reason
+
+
+def test_equivalence_verdict():
+    assert report.equivalence_verdict("a ≈ b", Diff(0.0, -0.01, 0.01, 3), 0.02, "d").label == REPRODUCED
+    assert report.equivalence_verdict("a ≈ b", Diff(0.0, -0.03, 0.01, 3), 0.02, "d").label == NOT_REPRODUCED
+
+
+TARGETS = {"q": ["l.query"], "qv": ["l.query", "l.value"]}
+
+
+def _fake(job: report.Job, test: float, val: float, results_dir) -> None:
+    """A minimal ok record for ``job`` with the given accuracies (what aggregate.load reads)."""
+    cfg = job.config
+    v = cfg["variant"]
+    rec = {"schema": records.SCHEMA, "run_id": job.run_id, "status": "ok", "variant": v["name"],
+           "task": cfg["task"]["name"], "model": "m", "rank": v.get("rank"), "alpha": v.get("alpha"),
+           "scaling": v.get("scaling"), "targets": TARGETS.get(v.get("targets")), "lr": cfg["optim"]["lr"],
+           "seed": cfg["seed"], "metrics": {"val": {"accuracy": val}, "test": {"accuracy": test}},
+           "directions": {"accuracy": "max"}, "main_metric": "accuracy", "higher_is_better": True, "config": cfg,
+           "history": [], "cost": {"trainable_params": 1}, "env": {"git": "test"}}
+    records.write(results_dir, rec)
+
+
+def test_lora_rank_report_on_constructed_records(tmp_path):
+    """Wq,Wv flat in rank, Wq rising with it, the middle lr best: both verdicts reproduced; then Wq,Wv made to
+    rise by 5 points from r=1 to r=64: the equivalence fails."""
+    _, jobs = report.sweep("paper/lora_rank")
+
+    def acc(job, qv_slope):
+        v, lr, seed = job.config["variant"], job.config["optim"]["lr"], job.config["seed"]
+        rank = v["rank"]
+        base = 0.80 - 0.03 * abs(__import__("math").log10(lr / 3e-3))  # 3e-3 is best
+        rise = {1: 0.0, 2: 0.01, 4: 0.02, 8: 0.03, 64: 0.04}[rank]
+        bump = rise if v["targets"] == "q" else qv_slope * rise
+        return base + bump + 0.001 * seed
+
+    for slope, want in ((0.0, REPRODUCED), (1.25, NOT_REPRODUCED)):
+        folder = tmp_path / f"s{slope}"
+        for j in jobs:
+            a = acc(j, slope)
+            _fake(j, a, a, folder)
+        path = report.make("paper/lora_rank", tmp_path / f"out{slope}", results_dir=folder)
+        verdicts = {v["claim"]: v["label"] for v in json.loads((tmp_path / f"out{slope}" / "lora_rank" /
+                                                                "verdicts.json").read_text())["verdicts"]}
+        assert verdicts["Wq,Wv: r=1 is as good as r=64"] == want, verdicts
+        assert "90 of 90 ok" in path.read_text()
+        if slope == 0.0:
+            assert verdicts["Wq alone gains more from rank than Wq,Wv"] == REPRODUCED
+            assert "0.003" in path.read_text()  # the chosen lr
+
+
+def test_report_counts_runs_that_are_missing(tmp_path):
+    _, jobs = report.sweep("paper/lora_targets")
+    for j in jobs[:5]:
+        _fake(j, 0.7, 0.7, tmp_path)
+    runs = report.load_runs("paper/lora_targets", tmp_path)
+    assert len(runs.records) == 5 and len(runs.missing) == len(jobs) - 5
