@@ -8,7 +8,7 @@ export WANDB_MODE ?= offline
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
-.PHONY: help setup assets demo tables plots test test-full lint bench clean
+.PHONY: help setup assets demo tables plots test test-full lint bench paper report clean
 .DEFAULT_GOAL := help
 
 help: ## this list
@@ -68,6 +68,18 @@ lint: $(STAMP) ## ruff
 BENCH_ARGS ?=
 bench: $(STAMP) ## side-by-side step time, eval time and memory of each method vs its reference (results/bench/)
 	$(BIN)/python -m experiments.bench $(BENCH_ARGS)
+
+# the paper reproductions (conf/experiment/paper/): every cpu experiment's sweep, 2 joblib jobs x 1 thread
+# (resumable: finished runs are skipped; a failed run is a failed record, the other experiments go on),
+# then results/paper/<name>.md. All of them: hours on 2 cores; PAPER=paper/lora_rank for one.
+PAPER ?= $(patsubst conf/experiment/%.yaml,%,$(wildcard conf/experiment/paper/*.yaml))
+paper: $(STAMP) $(ASSETS_STAMP) ## reproduce the papers' findings: sweeps, then results/paper/<name>.md (PAPER=paper/<name>)
+	@status=0; for e in $(PAPER); do \
+	  $(BIN)/python -m experiments.train -m experiment=$$e launcher=joblib logger=none || status=1; done; \
+	for e in $(PAPER); do $(BIN)/python -m experiments.report $$e || status=1; done; exit $$status
+
+report: $(STAMP) ## re-render results/paper/<name>.md from the records there are (PAPER=paper/<name>)
+	@for e in $(PAPER); do $(BIN)/python -m experiments.report $$e || exit 1; done
 
 clean: ## remove .venv and pytest caches
 	rm -rf $(VENV) .pytest_cache

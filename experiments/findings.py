@@ -97,29 +97,34 @@ def run_ids(df: pd.DataFrame, r: pd.Series) -> dict[int, str]:
 @finding("paper/digits_rank1")
 def digits_rank1(runs: Runs, out: Path) -> Report:
     df = runs.ok
-    ch = chosen(df, ACC)
-    r = ch.iloc[0]
     rep = Report(runs.experiment, "The classic: rank-1 LoRA on a 784-1000-2000-10 MLP lifts its weakest digit",
                  "Rank-1 LoRA on all three layers of an MLP pretrained briefly on all digits, fine-tuned on the "
                  "digit it is worst at: 6,794 trainable parameters (0.242 % of 2,807,010) lift that digit's accuracy "
                  "while the frozen weights stay bit-identical and the other digits are mostly kept. scikit-learn's "
-                 "8×8 digits resized to 28×28 stand in for MNIST (offline).")
+                 "8×8 digits resized to 28×28 stand in for MNIST (offline). The fine-tuning data is the weak digit "
+                 "alone, so the lr trades its gain against forgetting the others: the table shows every lr, the "
+                 "verdict takes the lr best on validation weak-digit accuracy (the fine-tuning's target).")
     trainable = int(np.median(df["trainable_params"]))
     pct = 100 * trainable / number("lorabench-digits-base-params")
     rep.verdicts.append(Verdict("6,794 trainable parameters, 0.242 % of the MLP", REPRODUCED if trainable ==
                                 number("lorabench-digits-rank1-trainable") else NOT_REPRODUCED,
                                 f"records: {trainable:,} trainable ({pct:.3f} %)"))
-    gain = values_diff(seeds_of(df, r, "test_weak_gain").values())
-    rep.verdicts.append(sign_verdict("the weakest digit's test accuracy rises", gain,
-                                     f"weak-class gain at the val-best lr {r['lr']:g}"))
-    forget = values_diff(seeds_of(df, r, "test_forgetting").values())
-    rep.sections.append(
-        "## Numbers (each lr's 3 seeds; the lr picked on validation accuracy over all classes)\n\n"
-        + setting_table(ch, lambda s: "LoRA r=1 on fc1, fc2, classifier", lambda s: "–", ACC)
-        + f"\n\nWeak-class gain (test, points): {gain.text(100)}; forgetting on the other nine digits (points): "
-          f"{forget.text(100)}. The frozen weights staying bit-identical is checked for every variant on "
-          "this very MLP (784-1000-2000-10, among the tiny models) by "
-          "`tests/test_invariants.py::test_training_moves_trainable_only` (not from these records).")
+    lines = ["| lr | weak-digit gain, test (points, 95% CI) | forgetting on the other nine (points) | test accuracy | "
+             "val weak-digit accuracy |", "|---:|---:|---:|---:|---:|"]
+    summary = aggregate.summarize(df, "weak_acc")
+    for _, r in summary.sort_values("lr").iterrows():
+        gain, forget, acc = (values_diff(seeds_of(df, r, f"test_{m}").values())
+                             for m in ("weak_gain", "forgetting", ACC))
+        lines.append(f"| {r['lr']:g} | {gain.text(100)} | {forget.text(100)} | {acc.text(100, signed=False)} | "
+                     f"{r['val_mean'] * 100:.1f} |")
+    best = summary.loc[summary["val_mean"].idxmax()]
+    rep.verdicts.append(sign_verdict("the weakest digit's test accuracy rises",
+                                     values_diff(seeds_of(df, best, "test_weak_gain").values()),
+                                     f"weak-digit gain at lr {best['lr']:g} (best on val weak-digit accuracy)"))
+    rep.sections.append("## Every lr (3 seeds each)\n\n" + "\n".join(lines) + "\n\nThe frozen weights staying "
+                        "bit-identical is checked for every variant on this very MLP (784-1000-2000-10, among the "
+                        "tiny models) by `tests/test_invariants.py::test_training_moves_trainable_only` (not from "
+                        "these records).")
     return rep
 
 

@@ -1,6 +1,7 @@
 """Paper reproductions: our numbers beside the paper's, the plots, and a verdict per finding.
 
     python -m experiments.report paper/<name> [--out results/paper]     # one experiment's report
+    python -m experiments.report paper/<name>/paper                     # its paper size (records from a GPU)
     python -m experiments.report --all                                 # every paper/* experiment
     make paper                                                         # run every cpu sweep, then --all
 
@@ -310,8 +311,9 @@ def _rel_to(p: Path, out: Path) -> str:
 
 def make(experiment: str, out: str | Path = ROOT / "results" / "paper", results_dir: str | Path | None = None) -> Path:
     _register()
-    name = experiment.removeprefix("paper/")
-    if experiment not in FINDINGS:
+    finding_of = experiment.removesuffix("/paper")  # paper/<name>/paper: the paper size, the same checks
+    name = experiment.removeprefix("paper/").replace("/", "-")
+    if finding_of not in FINDINGS:
         raise SystemExit(f"error: no report for {experiment!r} (reports: {', '.join(sorted(FINDINGS))})")
     out = Path(out)
     plots = out / name
@@ -320,7 +322,7 @@ def make(experiment: str, out: str | Path = ROOT / "results" / "paper", results_
     if runs.ok.empty:
         report = Report(experiment, experiment, "No finished runs yet: run the sweep first.")
     else:
-        report = FINDINGS[experiment](runs, plots)
+        report = FINDINGS[finding_of](runs, plots)
     path = out / f"{name}.md"
     path.write_text(render(report, runs, out) + "\n")
     summary = {"experiment": experiment, "verdicts": [v.__dict__ for v in report.verdicts],

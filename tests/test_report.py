@@ -29,6 +29,33 @@ def test_every_paper_experiment_has_a_report_and_composes():
     GlobalHydra.instance().clear()
 
 
+def test_every_paper_size_composes_resolves_and_checks_without_the_hub():
+    """``experiment=paper/<name>/paper`` (GPU users, the hub): the first job of each composes, resolves and
+    passes the entry point's option checks (variant, task option names, optim), all without downloading."""
+    from hydra import compose, initialize_config_dir
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    import experiments.schema  # noqa: F401
+    from experiments import train
+
+    parser = OverridesParser.create()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(report.CONF), version_base="1.3"):
+        for name in report.experiments():
+            base = compose("train", overrides=[f"experiment={name}/paper"], return_hydra_config=True)
+            params = parser.parse_overrides([f"{k}={v}" for k, v in base.hydra.sweeper.params.items()])
+            first = BasicSweeper.split_arguments(params, None)[0][0]
+            cfg = OmegaConf.to_container(compose("train", overrides=[f"experiment={name}/paper", *first]),
+                                         resolve=True)
+            train.check(train.expand_paths(train.per_variant_lr(cfg)))
+            assert cfg["results_dir"].endswith("-paper"), name
+            assert cfg["task"]["name"] in ("glue_sst2", "lm_gsm8k", "digits"), name
+    GlobalHydra.instance().clear()
+
+
 @pytest.mark.slow  # every job of every sweep: about a minute
 def test_every_sweep_expands_to_distinct_runs():
     for name in report.experiments():
