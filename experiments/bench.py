@@ -789,6 +789,77 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _step_cell(r: dict) -> str:
+    s = r["step_ms"]
+    return f"{_f(s['median'], '{:.0f}')} ({_f(s['q1'], '{:.0f}')}–{_f(s['q3'], '{:.0f}')})"
+
+
+def _ratio_cell(x) -> str:
+    return _x(x).removesuffix("x")
+
+
+def _delta_cell(r: dict) -> str:
+    p, w = r["peak_memory_bytes"], r["window_start_bytes"]
+    return _mib(None if p is None or w is None else p - w)
+
+
+def _median_cell(spread_or_none) -> str:
+    return _f(spread_or_none and spread_or_none["median"], "{:.0f}")
+
+
+def combined_markdown(reports: list[dict], names: list[str]) -> str:
+    """Several runs of the same bench side by side (``--combine a.json b.json``): one cell per run, "a / b"."""
+    referenced = {r["reference"] for rep in reports for r in rep["rows"] if r["method"] != "trainer"}
+
+    def cells(key, get):
+        out = []
+        for rep in reports:
+            r = next((x for x in rep["rows"] if x["key"] == key), None)
+            out.append("–" if r is None else get(r))
+        return " / ".join(out)
+
+    def vs_ref(r):
+        return _ratio_cell(r["vs_reference"]) if r["vs_reference"] is not None else (
+            "ref" if r["key"] in referenced else "–")
+
+    keys = list(dict.fromkeys(r["key"] for rep in reports for r in rep["rows"]))
+    label = {r["key"]: r["contender"] for rep in reports for r in rep["rows"]}
+    runs = " / ".join(names)
+    lines = [f"| contender | step ms, {runs} (IQR) | vs ref | / floor | / full FT | eval ms | eval merged ms |",
+             "|---|---|---|---|---|---|---|"]
+    for k in keys:
+        lines.append(f"| {label[k]} | {cells(k, _step_cell)} | {cells(k, vs_ref)} | "
+                     f"{cells(k, lambda r: _ratio_cell(r['vs_floor']))} | "
+                     f"{cells(k, lambda r: _ratio_cell(r['vs_full']))} | "
+                     f"{cells(k, lambda r: _median_cell(r['eval_ms']))} | "
+                     f"{cells(k, lambda r: _median_cell(r['eval_merged_ms']))} |")
+    lines += ["", f"| contender | peak MiB (train window), {runs} | Δ in window MiB | peak / ref | optimizer state MiB "
+                  "| trainable params |", "|---|---|---|---|---:|---:|"]
+    for k in keys:
+        first = next(r for rep in reports for r in rep["rows"] if r["key"] == k)
+        lines.append(f"| {label[k]} | {cells(k, lambda r: _mib(r['peak_memory_bytes']))} | {cells(k, _delta_cell)} | "
+                     f"{cells(k, lambda r: _ratio_cell(r['peak_vs_reference']))} | "
+                     f"{first['optimizer_state_bytes'] / 2**20:,.2f} | {first['trainable_params']:,} |")
+    goals = list(dict.fromkeys((g["contender"], g["against"], g["limit"]) for rep in reports for g in rep["goals"]))
+    if goals:
+        lines += ["", f"| goal (step time) | {' | '.join(names)} | met |", "|---|" + "---|" * len(names) + "---|"]
+        for c, a, limit in goals:
+            got = [next((g for g in rep["goals"] if (g["contender"], g["against"]) == (c, a)), None) for rep in reports]
+            txt = ["–" if g is None else f"{_x(g['ratio'])} (paired {g['paired_min']:.2f}–{g['paired_max']:.2f})"
+                   for g in got]
+            met = [g is not None and g["met"] for g in got]
+            verdict = "yes" if all(met) else "no" if not any(met) else "in " + " and ".join(
+                n for n, m in zip(names, met, strict=True) if m)
+            lines.append(f"| {label.get(c, c)} ≤ {limit:.2f} x {label.get(a, a)} | {' | '.join(txt)} | {verdict} |")
+    trainer = [next((r for r in rep["rows"] if r["key"] == "trainer-lora"), None) for rep in reports]
+    if all(t is not None and t.get("bare_loop_ms") for t in trainer):
+        parts = [f"{_x(t['vs_reference'])} ({_median_cell(t['step_ms'])} vs {_median_cell(t['bare_loop_ms'])} ms, "
+                 f"paired {t['vs_reference_paired']['min']:.2f}–{t['vs_reference_paired']['max']:.2f})"
+                 for t in trainer]
+        lines += ["", "Trainer overhead (fit / bare loop, same model): " + " / ".join(parts)]
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------------------------- main
 
 
@@ -841,6 +912,10 @@ def parse(argv: list[str] | None):
 
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["--combine"]:  # python -m experiments.bench --combine run1.json run2.json: side by side
+        reports = [json.loads(Path(p).read_text()) for p in argv[1:]]
+        print(combined_markdown(reports, [f"run {i + 1}" for i in range(len(reports))]))
+        return {"combined": len(reports)}
     args = parse(argv)
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' deprecation notes via peft

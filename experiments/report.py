@@ -331,6 +331,24 @@ def make(experiment: str, out: str | Path = ROOT / "results" / "paper", results_
     return path
 
 
+def summary(out: str | Path = ROOT / "results" / "paper") -> Path:
+    """``results/paper/summary.md``: every report's verdicts in one table (from each ``verdicts.json``)."""
+    out = Path(out)
+    lines = ["# Paper reproductions: the verdicts", "",
+             "Each row is one claim of one report (`results/paper/<name>.md`, made by `python -m experiments.report`); "
+             "how a report decides: [docs/papers.md](../../docs/papers.md#how-a-report-decides).", "",
+             "| experiment | runs | claim | verdict | why |", "|---|---:|---|---|---|"]
+    for path in sorted(out.glob("*/verdicts.json")):
+        v = json.loads(path.read_text())
+        name = v["experiment"].removeprefix("paper/").replace("/", "-")
+        for i, x in enumerate(v["verdicts"] or [{"claim": "–", "label": "no runs yet", "reason": ""}]):
+            head = f"[{name}]({name}.md) | {v['runs_ok']}/{v['runs_expected']}" if i == 0 else " | "
+            lines.append(f"| {head} | {x['claim']} | **{x['label']}** | {x['reason']} |")
+    path = out / "summary.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("experiment", nargs="?", help="paper/<name>")
@@ -344,6 +362,7 @@ def main(argv=None) -> int:
         ap.error("name an experiment (paper/<name>) or pass --all")
     for name in names:
         print(f"wrote {make(name, args.out, args.results_dir)}")
+    print(f"wrote {summary(args.out)}")
     return 0
 
 

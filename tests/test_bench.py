@@ -108,6 +108,11 @@ def check_markdown(report):
     for label, *_ in bench.CONTENDERS.values():
         assert f"| {label} |" in md
     assert "Trainer overhead" in md and "| goal (step time)" in md
+    both = bench.combined_markdown([report, report], ["a", "b"])  # --combine: runs side by side
+    for label, *_ in bench.CONTENDERS.values():
+        assert f"| {label} |" in both
+    lora = next(line for line in both.splitlines() if line.startswith("| ours LoRA |"))
+    assert lora.count(" / ") >= 4 and "| goal (step time) | a | b | met |" in both
 
 
 def test_bad_flags():
