@@ -298,12 +298,18 @@ def paired_tests(df: pd.DataFrame, chosen: pd.DataFrame, metric: str, baseline: 
     return out
 
 
-def _by_seed(df: pd.DataFrame, setting: pd.Series, metric: str) -> dict[int, float]:
+def setting_rows(df: pd.DataFrame, setting: pd.Series) -> pd.DataFrame:
+    """The runs of ``df`` in the setting ``setting`` names (its values of the identity columns it has)."""
     mask = np.ones(len(df), dtype=bool)
     for k in identity(df):
-        v = setting[k]
-        mask &= df[k].isna().to_numpy() if pd.isna(v) else (df[k] == v).to_numpy()
-    return {int(r["seed"]): float(r[f"test_{metric}"]) for _, r in df[mask].iterrows()}
+        if k in setting.index:
+            v = setting[k]
+            mask &= df[k].isna().to_numpy() if pd.isna(v) else (df[k] == v).to_numpy()
+    return df[mask]
+
+
+def _by_seed(df: pd.DataFrame, setting: pd.Series, metric: str) -> dict[int, float]:
+    return {int(r["seed"]): float(r[f"test_{metric}"]) for _, r in setting_rows(df, setting).iterrows()}
 
 
 def table(summary: pd.DataFrame, tests: pd.DataFrame | None, metric: str) -> pd.DataFrame:

@@ -84,11 +84,7 @@ def snapshots_of(runs: Runs, run_id: str, modules: str | None = None):
 
 def run_ids(df: pd.DataFrame, r: pd.Series) -> dict[int, str]:
     """{seed: run id} of the chosen setting ``r``."""
-    mask = np.ones(len(df), dtype=bool)
-    for k in aggregate.identity(df):
-        if k in r.index:
-            mask &= df[k].isna().to_numpy() if pd.isna(r[k]) else (df[k] == r[k]).to_numpy()
-    return {int(x["seed"]): x["run_id"] for _, x in df[mask].iterrows()}
+    return {int(x["seed"]): x["run_id"] for _, x in aggregate.setting_rows(df, r).iterrows()}
 
 
 # --------------------------------------------------------------------------------------- the digits classic

@@ -157,12 +157,7 @@ def chosen(df: pd.DataFrame, metric: str, keys: list[str] | None = None) -> pd.D
 
 def seeds_of(df: pd.DataFrame, row: pd.Series, column: str) -> dict[int, float]:
     """{seed: value of ``column``} for the runs of the setting ``row`` names (its identity columns)."""
-    mask = np.ones(len(df), dtype=bool)
-    for k in aggregate.identity(df):
-        if k in row.index:
-            v = row[k]
-            mask &= df[k].isna().to_numpy() if pd.isna(v) else (df[k] == v).to_numpy()
-    return {int(r["seed"]): float(r[column]) for _, r in df[mask].iterrows()}
+    return {int(r["seed"]): float(r[column]) for _, r in aggregate.setting_rows(df, row).iterrows()}
 
 
 @dataclass
