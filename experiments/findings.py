@@ -30,6 +30,7 @@ from experiments.report import (  # noqa: E402
     chosen,
     equivalence_verdict,
     finding,
+    fmt_ci,
     number,
     paired_diff,
     seeds_of,
@@ -322,7 +323,9 @@ def dora_decomposition(runs: Runs, out: Path) -> Report:
                 rep.plots.append(analysis.plot_decomposition(table, out / f"dm_dd_{r['variant']}.png"))
             for _, c in analysis.decomposition_correlation(table, by="type").iterrows():
                 per_type.setdefault(c["type"], []).append(float(c["r"]))
-        q, v = values_diff(per_type.get("query", [])), values_diff(per_type.get("value", []))
+        # a type is the module name after its layer index (attention.self.query): matched by its last part
+        q, v = (values_diff(next((x for t, x in per_type.items() if t.rsplit(".", 1)[-1] == name), []))
+                for name in ("query", "value"))
         lines.append(f"| {r['variant']} ({r['lr']:g}) | {q.text(1, '')} | {v.text(1, '')} | {paper[r['variant']]} |")
         want = paper[r["variant"]]
         d = q if want > 0 else Diff(-q.mean, -q.high, -q.low, q.n)
@@ -651,14 +654,7 @@ def _fairness(runs: Runs, out: Path, metric: str, title: str) -> Report:
 
 
 def fmt(r: pd.Series) -> str:
-    scale = 100.0 if r["metric"] == ACC else 1.0
-    return fmt_ci_any(r, scale)
-
-
-def fmt_ci_any(r: pd.Series, scale: float) -> str:
-    if math.isnan(r["ci_low"]):
-        return f"{r['mean'] * scale:.2f}"
-    return f"{r['mean'] * scale:.2f} [{r['ci_low'] * scale:.2f}, {r['ci_high'] * scale:.2f}]"
+    return fmt_ci(r, 100.0 if r["metric"] == ACC else 1.0, digits=2)
 
 
 @finding("paper/lr_fairness")

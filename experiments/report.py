@@ -250,10 +250,12 @@ def finding(experiment: str):
     return deco
 
 
-def fmt_ci(row: pd.Series, scale: float = 100.0) -> str:
+def fmt_ci(row: pd.Series, scale: float = 100.0, digits: int = 1) -> str:
+    """A summary row's "mean [low, high]" (the mean alone without an interval)."""
+    f = f"{{:.{digits}f}}"
     if math.isnan(row["ci_low"]):
-        return f"{row['mean'] * scale:.1f}"
-    return f"{row['mean'] * scale:.1f} [{row['ci_low'] * scale:.1f}, {row['ci_high'] * scale:.1f}]"
+        return f.format(row["mean"] * scale)
+    return f"{f.format(row['mean'] * scale)} [{f.format(row['ci_low'] * scale)}, {f.format(row['ci_high'] * scale)}]"
 
 
 def setting_table(ch: pd.DataFrame, label: Callable[[pd.Series], str], paper: Callable[[pd.Series], str],

@@ -95,7 +95,10 @@ def test_equivalence_verdict():
     assert report.equivalence_verdict("a ≈ b", Diff(0.0, -0.03, 0.01, 3), 0.02, "d").label == NOT_REPRODUCED
 
 
-TARGETS = {"q": ["l.query"], "qv": ["l.query", "l.value"]}
+_NAMES = {"q": "l.query", "k": "l.key", "v": "l.value", "o": "l.attention.output.dense"}
+# a preset -> the module names a record holds (what apply() resolved); aggregate keeps their last part
+TARGETS = {**{p: [_NAMES[c] for c in p] for p in ("q", "k", "v", "o", "qk", "qv", "qkvo")},
+           "all-linear": [*_NAMES.values(), "l.intermediate.dense", "l.output.dense"]}
 
 
 def _fake(job: report.Job, test: float, val: float, results_dir) -> None:
@@ -145,3 +148,25 @@ def test_report_counts_runs_that_are_missing(tmp_path):
         _fake(j, 0.7, 0.7, tmp_path)
     runs = report.load_runs("paper/lora_targets", tmp_path)
     assert len(runs.records) == 5 and len(runs.missing) == len(jobs) - 5
+
+
+ACCURACY_ONLY = ["paper/lora_targets", "paper/dora_rank", "paper/adalora_budget", "paper/galore_vs_lora",
+                 "paper/galore_rank", "paper/galore_update_freq", "paper/loraplus_ratio", "paper/lr_fairness"]
+
+
+@pytest.mark.slow  # a report per experiment over every job of its sweep: about a minute
+@pytest.mark.parametrize("name", ACCURACY_ONLY)
+def test_reports_of_accuracy_findings_render_with_a_verdict_per_claim(name, tmp_path):
+    """Constructed records (one accuracy per run: a seeded function of its settings) give each of these
+    reports its tables and at least one verdict, every verdict one of the three labels."""
+    import random
+
+    _, jobs = report.sweep(name)
+    for j in jobs:
+        rnd = random.Random(j.run_id)
+        a = 0.7 + 0.05 * rnd.random()
+        _fake(j, a, a + 0.01 * rnd.random(), tmp_path / "runs_here")
+    path = report.make(name, tmp_path / "out", results_dir=tmp_path / "runs_here")
+    verdicts = json.loads((tmp_path / "out" / name.removeprefix("paper/") / "verdicts.json").read_text())["verdicts"]
+    assert verdicts and all(v["label"] in (REPRODUCED, NOT_REPRODUCED, NOT_COMPARABLE) for v in verdicts)
+    assert f"{len(jobs)} of {len(jobs)} ok" in path.read_text()
