@@ -51,6 +51,11 @@ def values_diff(values) -> Diff:
     return Diff(float(v.mean()), lo, hi, len(v))
 
 
+def acc_diff(df: pd.DataFrame, a: pd.Series, b: pd.Series) -> Diff:
+    """Test accuracy of setting a minus setting b, paired by seed (each at its own chosen lr)."""
+    return paired_diff(df, a, b, f"test_{ACC}")
+
+
 def row(ch: pd.DataFrame, **match) -> pd.Series | None:
     m = np.ones(len(ch), dtype=bool)
     for k, v in match.items():
@@ -155,13 +160,13 @@ def lora_targets(runs: Runs, out: Path) -> Report:
     q, qv, all4 = (row(ch, targets=t) for t in ("query", "query,value", "dense,key,query,value"))
     if q is not None and qv is not None:
         rep.verdicts.append(sign_verdict("Wq,Wv at r=4 beats Wq alone at r=8 (73.7 vs 70.4)",
-                                         paired_diff(df, qv, q, f"test_{ACC}"), "Wq,Wv − Wq"))
+                                         acc_diff(df, qv, q), "Wq,Wv − Wq"))
     singles = ch[ch["targets"].isin(["query", "key", "value", "dense"])]
     if all4 is not None and len(singles):
         best = singles.loc[singles["val_mean"].idxmax()]
         rep.verdicts.append(sign_verdict(
             "all four at r=2 beat the best single type at r=8 (73.7 vs 73.2)",
-            paired_diff(df, all4, best, f"test_{ACC}"), f"all four − {TARGET_ROWS[best['targets']]} (best on val)"))
+            acc_diff(df, all4, best), f"all four − {TARGET_ROWS[best['targets']]} (best on val)"))
     return rep
 
 
@@ -194,7 +199,7 @@ def lora_rank(runs: Runs, out: Path) -> Report:
     rep.plots.append(_rank_plot(ch, out, "LoRA: test accuracy vs rank", "rank"))
     lo, hi = (row(ch, targets="query,value", rank=r) for r in (1, 64))
     if lo is not None and hi is not None:
-        rep.verdicts.append(equivalence_verdict("Wq,Wv: r=1 is as good as r=64", paired_diff(df, hi, lo, f"test_{ACC}"),
+        rep.verdicts.append(equivalence_verdict("Wq,Wv: r=1 is as good as r=64", acc_diff(df, hi, lo),
                                                 0.02, "r=64 − r=1"))
     q1, q64 = (row(ch, targets="query", rank=r) for r in (1, 64))
     if q1 is not None and q64 is not None and lo is not None and hi is not None:
@@ -223,7 +228,7 @@ def dora_rank(runs: Runs, out: Path) -> Report:
         if d is None or lo is None:
             continue
         v = sign_verdict(f"DoRA > LoRA at r={int(r)} ({number(f'dora-t15-dora-r{int(r)}')} vs "
-                         f"{number(f'dora-t15-lora-r{int(r)}')})", paired_diff(df, d, lo, f"test_{ACC}"), "DoRA − LoRA")
+                         f"{number(f'dora-t15-lora-r{int(r)}')})", acc_diff(df, d, lo), "DoRA − LoRA")
         rep.verdicts.append(v)
     return rep
 
@@ -364,7 +369,7 @@ def adalora_budget(runs: Runs, out: Path) -> Report:
     for r in (2, 8):
         a, b = row(ch, variant="adalora", rank=r), row(ch, variant="lora", rank=r)
         if a is not None and b is not None:
-            rep.verdicts.append(sign_verdict(f"AdaLoRA > LoRA at rank {r}", paired_diff(df, a, b, f"test_{ACC}"),
+            rep.verdicts.append(sign_verdict(f"AdaLoRA > LoRA at rank {r}", acc_diff(df, a, b),
                                              "AdaLoRA − LoRA"))
     return rep
 
@@ -431,11 +436,11 @@ def galore_vs_lora(runs: Runs, out: Path) -> Report:
     for r in (4, 8):
         g, lo = row(ch, variant="galore", rank=r), row(ch, variant="lora", rank=r)
         if g is not None and lo is not None:
-            rep.verdicts.append(sign_verdict(f"GaLore ≥ LoRA at rank {r}", paired_diff(df, g, lo, f"test_{ACC}"),
+            rep.verdicts.append(sign_verdict(f"GaLore ≥ LoRA at rank {r}", acc_diff(df, g, lo),
                                              "GaLore − LoRA"))
         if g is not None and full is not None:
             rep.verdicts.append(equivalence_verdict(f"GaLore r={r} is within 1 point of full fine-tuning",
-                                                    paired_diff(df, g, full, f"test_{ACC}"), 0.01,
+                                                    acc_diff(df, g, full), 0.01,
                                                     "GaLore − full FT"))
     return rep
 
@@ -458,7 +463,7 @@ def galore_rank(runs: Runs, out: Path) -> Report:
                                 f"ρ = {rho:.2f} (p = {p:.2f}, {len(ch)} ranks)"))
     lo, hi = row(ch, rank=ch["rank"].min()), row(ch, rank=ch["rank"].max())
     rep.verdicts.append(sign_verdict(f"r={int(hi['rank'])} beats r={int(lo['rank'])}",
-                                     paired_diff(df, hi, lo, f"test_{ACC}"), "largest − smallest rank"))
+                                     acc_diff(df, hi, lo), "largest − smallest rank"))
     return rep
 
 
@@ -480,7 +485,7 @@ def galore_update_freq(runs: Runs, out: Path) -> Report:
         e = row(ch, **{gap: edge})
         if e is not None and e[gap] != best[gap]:
             rep.verdicts.append(sign_verdict(f"T={int(best[gap])} (best on val) beats T={int(edge)}",
-                                             paired_diff(df, best, e, f"test_{ACC}"),
+                                             acc_diff(df, best, e),
                                              f"T={int(best[gap])} − T={int(edge)}"))
     if len(rep.verdicts) < 2:
         rep.verdicts.append(Verdict("an intermediate T is best", NOT_REPRODUCED,
@@ -552,7 +557,7 @@ def loraplus_ratio(runs: Runs, out: Path) -> Report:
                                 f"best λ = {best[ratio]:g} (val {best['val_mean'] * 100:.1f})"))
     if one is not None and best[ratio] != 1:
         rep.verdicts.append(sign_verdict(f"LoRA+ (λ={best[ratio]:g}) beats LoRA (λ=1), each at its tuned lr",
-                                         paired_diff(df, best, one, f"test_{ACC}"), "LoRA+ − LoRA"))
+                                         acc_diff(df, best, one), "LoRA+ − LoRA"))
     return rep
 
 
