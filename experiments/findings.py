@@ -51,6 +51,17 @@ def values_diff(values) -> Diff:
     return Diff(float(v.mean()), lo, hi, len(v))
 
 
+def correlation_diff(values) -> Diff:
+    """Correlations over seeds: their mean and interval taken in Fisher's z = artanh(r) and mapped back with
+    tanh, so the interval stays inside (−1, 1) (a t-interval of raw r's can leave it)."""
+    r = np.clip(np.asarray([x for x in values if not math.isnan(x)], dtype=float), -1 + 1e-12, 1 - 1e-12)
+    if not len(r):
+        return Diff(math.nan, math.nan, math.nan, 0)
+    z = np.arctanh(r)
+    lo, hi, _ = aggregate.mean_ci(z)
+    return Diff(float(np.tanh(z.mean())), float(np.tanh(lo)), float(np.tanh(hi)), len(r))
+
+
 def acc_diff(df: pd.DataFrame, a: pd.Series, b: pd.Series) -> Diff:
     """Test accuracy of setting a minus setting b, paired by seed (each at its own chosen lr)."""
     return paired_diff(df, a, b, f"test_{ACC}")
@@ -329,14 +340,13 @@ def dora_decomposition(runs: Runs, out: Path) -> Report:
             for _, c in analysis.decomposition_correlation(table, by="type").iterrows():
                 per_type.setdefault(c["type"], []).append(float(c["r"]))
         # a type is the module name after its layer index (attention.self.query): matched by its last part
-        q, v = (values_diff(next((x for t, x in per_type.items() if t.rsplit(".", 1)[-1] == name), []))
+        q, v = (correlation_diff(next((x for t, x in per_type.items() if t.rsplit(".", 1)[-1] == name), []))
                 for name in ("query", "value"))
         lines.append(f"| {r['variant']} ({r['lr']:g}) | {q.text(1, '')} | {v.text(1, '')} | {paper[r['variant']]} |")
         want = paper[r["variant"]]
-        d = q if want > 0 else Diff(-q.mean, -q.high, -q.low, q.n)
         rep.verdicts.append(sign_verdict(f"{r['variant']}: the correlation is {'positive' if want > 0 else 'negative'} "
-                                         f"({want:+.2f})", d, "corr(ΔD, ΔM), query" + (" (sign flipped)" if want < 0
-                                                                                       else ""), 1.0, ""))
+                                         f"({want:+.2f})", q, "corr(ΔD, ΔM), query (Fisher-z interval)", 1.0, "",
+                                         negative=want < 0))
     rep.sections.append("## Correlations\n\n" + "\n".join(lines))
     rep.sections.append("## Accuracy at each method's lr\n\n" + setting_table(
         ch, lambda s: s["variant"], lambda s: "–", ACC))
@@ -409,7 +419,8 @@ def adalora_ranks(runs: Runs, out: Path) -> Report:
         rep.verdicts.append(sign_verdict("the feed-forward matrices get more than their even share",
                                          values_diff(per_seed), f"FFN share − {len(ffn)}/{len(shares)}"))
     rep.verdicts.append(sign_verdict("the top layers get more rank (Spearman of rank vs layer > 0)",
-                                     values_diff(rhos), "Spearman ρ(kept rank, layer index)", 1.0, ""))
+                                     correlation_diff(rhos), "Spearman ρ(kept rank, layer index), Fisher-z interval",
+                                     1.0, ""))
     return rep
 
 
@@ -609,7 +620,7 @@ def rslora(runs: Runs, out: Path) -> Report:
     if "rslora" in slopes:
         s = slopes["rslora"]
         rep.verdicts.append(sign_verdict("with α/√r a higher rank trains to a lower loss (slope of loss vs log2 r < 0)",
-                                         Diff(-s.mean, -s.high, -s.low, s.n), "−slope", 1.0, ""))
+                                         s, "slope per doubling of r", 1.0, "", negative=True))
     if "standard" in slopes and "rslora" in slopes:
         a, b = slopes["standard"], slopes["rslora"]
         rep.verdicts.append(Verdict("with α/r the rank matters less than with α/√r (flatter loss vs rank)",

@@ -196,16 +196,19 @@ class Verdict:
     reason: str
 
 
-def sign_verdict(claim: str, d: Diff, what: str, scale: float = 100.0, unit: str = " points") -> Verdict:
-    """The claim says ``d`` > 0: reproduced in kind when its interval lies above 0; not reproduced when it lies
-    below (the opposite holds) or spans 0 (no evidence at this size)."""
+def sign_verdict(claim: str, d: Diff, what: str, scale: float = 100.0, unit: str = " points",
+                 negative: bool = False) -> Verdict:
+    """The claim says ``d`` > 0 (``d`` < 0 when ``negative``): reproduced in kind when its interval lies on the
+    claimed side of 0; not reproduced when it lies on the other (the opposite holds) or spans 0 (no evidence
+    at this size). The reason shows ``d`` as measured, never sign-flipped."""
     text = f"{what}: {d.text(scale, unit)}"
     if d.n < 2 or math.isnan(d.low):
         return Verdict(claim, NOT_COMPARABLE, f"{text}: fewer than 2 paired seeds")
-    if d.low > 0:
-        return Verdict(claim, REPRODUCED, f"{text}: the {CONFIDENCE:.0%} interval lies above 0")
-    if d.high < 0:
-        return Verdict(claim, NOT_REPRODUCED, f"{text}: the {CONFIDENCE:.0%} interval lies below 0 (the opposite)")
+    side, other = ("below", "above") if negative else ("above", "below")
+    if (d.high < 0) if negative else (d.low > 0):
+        return Verdict(claim, REPRODUCED, f"{text}: the {CONFIDENCE:.0%} interval lies {side} 0")
+    if (d.low > 0) if negative else (d.high < 0):
+        return Verdict(claim, NOT_REPRODUCED, f"{text}: the {CONFIDENCE:.0%} interval lies {other} 0 (the opposite)")
     return Verdict(claim, NOT_REPRODUCED, f"{text}: the {CONFIDENCE:.0%} interval spans 0 (no evidence either way "
                                           "at this size)")
 
