@@ -37,6 +37,7 @@ from experiments.report import (  # noqa: E402
     setting_table,
     sign_verdict,
     spearman,
+    trivial_note,
 )
 
 ACC = "accuracy"
@@ -651,9 +652,9 @@ def _fairness(runs: Runs, out: Path, metric: str, title: str) -> Report:
              "|---|---:|---:|---:|"]
     for _, r in own.iterrows():
         s = shared[shared["variant"] == r["variant"]]
-        at_shared = fmt(s.iloc[0]) if len(s) else "–"
+        at_shared = fmt(s.iloc[0]) + trivial_note(s.iloc[0], _scale(s.iloc[0])) if len(s) else "–"
         lines.append(f"| {r['variant']} | {r['lr']:g}{' (' + r['lr_edge'] + ' tried)' if r['lr_edge'] else ''} | "
-                     f"{fmt(r)} | {at_shared} |")
+                     f"{fmt(r)}{trivial_note(r, _scale(r))} | {at_shared} |")
     rep.sections.append("## Numbers\n\n" + "\n".join(lines))
     a = dict(zip(own["variant"], sign * own["mean"], strict=True))
     b = dict(zip(shared["variant"], sign * shared["mean"], strict=True))
@@ -669,8 +670,12 @@ def _fairness(runs: Runs, out: Path, metric: str, title: str) -> Report:
     return rep
 
 
+def _scale(r: pd.Series) -> float:
+    return 100.0 if r["metric"] == ACC else 1.0
+
+
 def fmt(r: pd.Series) -> str:
-    return fmt_ci(r, 100.0 if r["metric"] == ACC else 1.0, digits=2)
+    return fmt_ci(r, _scale(r), digits=2)
 
 
 @finding("paper/lr_fairness")

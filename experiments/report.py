@@ -268,8 +268,18 @@ def setting_table(ch: pd.DataFrame, label: Callable[[pd.Series], str], paper: Ca
     lines = [f"| setting | ours: test {metric} (95% CI) | n | lr (val-best) | paper |", "|---|---:|---:|---:|---|"]
     for _, r in ch.iterrows():
         edge = f" ({r['lr_edge']} tried)" if r.get("lr_edge") else ""
-        lines.append(f"| {label(r)} | {fmt_ci(r, scale)} | {r['n']} | {r['lr']:g}{edge} | {paper(r)} |")
+        lines.append(f"| {label(r)} | {fmt_ci(r, scale)}{trivial_note(r, scale)} | {r['n']} | {r['lr']:g}{edge} | "
+                     f"{paper(r)} |")
     return "\n".join(lines)
+
+
+def trivial_note(row: pd.Series, scale: float = 100.0) -> str:
+    """" — k of n seeds at the trivial baseline (<its value>)" where a setting's seeds are no better than the
+    task's trivial predictor (a finding to explain, never a row to read as a result); else ""."""
+    k = row.get("n_trivial")
+    if k is None or (isinstance(k, float) and math.isnan(k)) or k == 0:
+        return ""
+    return f" — **{int(k)} of {row['n']} seeds at the trivial baseline** ({row['trivial'] * scale:.1f})"
 
 
 def provenance(runs: Runs) -> str:

@@ -281,3 +281,14 @@ def test_lr_fairness_lm_report_counts_the_flips_of_a_lower_is_better_metric(tmp_
     assert got["a shared lr changes the ranking of the methods"]["label"] == REPRODUCED
     assert "4 of 10 pairs flip" in got["a shared lr changes the ranking of the methods"]["reason"]
     assert "0.001" in text and "3e-05" in text
+
+
+def test_a_setting_at_the_trivial_baseline_is_flagged_in_its_row(tmp_path):
+    """Wk alone no better than the majority class (0.5) on every seed: its row says so; the others do not."""
+    _, jobs = report.sweep("paper/lora_targets")
+    for j in jobs:
+        a = 0.5 if j.config["variant"]["targets"] == "k" else 0.75
+        _fake(j, a, a, tmp_path / "runs_here", trivial={"name": "majority class", "test": {"accuracy": 0.5}})
+    text = report.make("paper/lora_targets", tmp_path / "out", results_dir=tmp_path / "runs_here").read_text()
+    flagged = [line for line in text.splitlines() if "at the trivial baseline" in line]
+    assert len(flagged) == 1 and flagged[0].startswith("| Wk") and "3 of 3 seeds" in flagged[0], flagged
