@@ -353,26 +353,31 @@ def fit(model: nn.Module, variant: Variant, data: Task, cfg: OptimConfig, *, see
     # host syncs (reading the loss, the finiteness check, step timing): every step on CPU, where they cost
     # nothing; every log_every steps on CUDA, so the GPU never waits for Python between steps
     sync_every = cfg.log_every if device.type == "cuda" else SYNC_EVERY_CPU
-    pending: list[tuple[dict, torch.Tensor, Callable[[], float]]] = []  # history entries waiting for values
+    # history entries waiting for values: (entry, [task, extra] per micro-batch + the gradient norm, timer)
+    pending: list[tuple[dict, torch.Tensor, Callable[[], float]]] = []
 
     def flush() -> None:
-        """Read the pending steps' losses (one sync), stop at the first non-finite one, log and time them."""
+        """Read the pending steps' losses and gradient norms (one sync), stop at the first non-finite loss,
+        log and time them."""
         if not pending:
             return
-        values = torch.stack([v for _, v, _ in pending]).tolist()  # (steps, accum, [task, extra])
-        for (entry, _, elapsed), micro in zip(pending, values, strict=True):
-            task, extra = (sum(m[i] for m in micro) / cfg.grad_accum for i in (0, 1))
+        values = torch.stack([v for _, v, _ in pending]).tolist()  # (steps, 2 * accum + 1)
+        for (entry, _, elapsed), row in zip(pending, values, strict=True):
+            task, extra = (sum(row[i:2 * cfg.grad_accum:2]) / cfg.grad_accum for i in (0, 1))
+            norm = row[-1]
             if not math.isfinite(task + extra):
                 pending.clear()
                 raise NonFiniteLoss(entry["step"], task + extra)  # the first bad step, 1-based as in the history
             entry["loss"] = task  # the task loss compares across variants; a variant's own penalty sits beside it
             if extra:
                 entry["extra_loss"] = extra
+            if math.isfinite(norm):  # NaN: not computed (no clipping); inf: clipping skipped nothing finite
+                entry["grad_norm"] = norm  # the total gradient norm before clipping (rsLoRA Fig. 2's quantity)
             step_times.append(elapsed())
             lr = entry.pop("_lr")
             if entry["step"] % cfg.log_every == 0 or entry["step"] == steps:
-                log({"train/loss": task, "train/lr": lr, **({"train/extra_loss": extra} if extra else {})},
-                    entry["step"])
+                log({"train/loss": task, "train/lr": lr, **({"train/extra_loss": extra} if extra else {}),
+                     **({"train/grad_norm": entry["grad_norm"]} if "grad_norm" in entry else {})}, entry["step"])
         bar.set_postfix(loss=f"{task:.4f}", it_s=f"{1 / max(step_times[-1], 1e-9):.2f}")
         pending.clear()
 
@@ -393,15 +398,16 @@ def fit(model: nn.Module, variant: Variant, data: Task, cfg: OptimConfig, *, see
                 micro.append(torch.stack([task_value, extra_value]))
             if step == 0:  # what the gradients occupy (GaLore: full-size, the projection happens in the optimizer)
                 gradient_bytes = sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None)
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            # clipping computes the total norm anyway: it goes into the history (no extra pass without clipping)
+            norm = (torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).detach().float().reshape(1)
+                    if cfg.grad_clip > 0 else task_value.new_full((1,), math.nan))
             opt.step()
             sched.step()
             variant.after_step(model, step, steps)  # gradients are still present here (AdaLoRA needs them)
             opt.zero_grad(set_to_none=True)
             entry = {"step": step + 1, "loss": None, "_lr": opt.param_groups[0]["lr"]}
             history.append(entry)
-            pending.append((entry, torch.stack(micro), timer.stop(t0)))
+            pending.append((entry, torch.cat([torch.stack(micro).flatten(), norm]), timer.stop(t0)))
             bar.update(1)
             snapshot_weights(step + 1)
             evaluating = cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < steps

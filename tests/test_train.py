@@ -382,6 +382,24 @@ def test_history_logs_the_task_loss_and_the_variant_penalty_apart(tmp_path):
     assert ada[0]["extra_loss"] > 0.1 and all("extra_loss" not in h for h in lora)
 
 
+def test_history_logs_the_gradient_norm_before_clipping_each_step(tmp_path, monkeypatch):
+    """Each entry's grad_norm is the total norm clipping computed at that step (with 2 micro-batches per step
+    and AdaLoRA's penalty beside the task loss, so the packed values are unpacked right); no clipping: none."""
+    from experiments import trainer
+
+    seen, clip = [], torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(trainer.torch.nn.utils, "clip_grad_norm_",
+                        lambda params, max_norm: seen.append(float(n := clip(params, max_norm))) or n)
+    hist = run(config(tmp_path, "variant=adalora", "optim.grad_accum=2", "optim.grad_clip=0.5", *FAST))["history"]
+    by_step = {i + 1: n for i, n in enumerate(seen)}
+    assert len(seen) == 30 and len({round(n, 6) for n in seen}) > 10  # a norm per step, and they vary
+    assert all(h["grad_norm"] == pytest.approx(by_step[h["step"]], rel=1e-6) for h in hist)
+    assert all(h["extra_loss"] > 0 and h["loss"] > 0 for h in hist)
+    assert max(seen) > 0.5  # some steps were clipped: the norm logged is the one before clipping
+    none = run(config(tmp_path, "variant=lora", "optim.grad_clip=0", *FAST))["history"]
+    assert all("grad_norm" not in h for h in none)
+
+
 def test_adalora_select_best_restores_only_states_within_the_final_budget():
     from experiments.trainer import OptimConfig, fit
     from variants.adalora import AdaLoRALinear
