@@ -578,40 +578,60 @@ def _train_loss(rec: dict, last: int = 20) -> float:
     return float(np.mean(losses[-last:])) if losses else math.nan
 
 
+def _adapter_grad_norm(rec: dict) -> float:
+    """The run's mean adapter gradient norm over its logged steps (NaN for records without one)."""
+    norms = [h["adapter_grad_norm"] for h in rec.get("history") or [] if h.get("adapter_grad_norm") is not None]
+    return float(np.mean(norms)) if norms else math.nan
+
+
+def _slopes(g: pd.DataFrame, column: str, log: bool = False) -> Diff:
+    """Per seed, the least-squares slope of ``column`` (its log2 when ``log``) against log2 r; their mean."""
+    per_seed = {}
+    for _, x in g.iterrows():
+        y = x[column]
+        if not math.isnan(y):
+            per_seed.setdefault(int(x["seed"]), []).append((math.log2(x["rank"]), math.log2(y) if log else y))
+    return values_diff([np.polyfit(*zip(*pts, strict=True), 1)[0] for pts in per_seed.values() if len(pts) > 1])
+
+
 @finding("paper/rslora")
 def rslora(runs: Runs, out: Path) -> Report:
-    df = runs.ok.assign(train_loss=lambda d: [_train_loss(runs.records[r]) for r in d["run_id"]])
+    df = runs.ok.assign(train_loss=lambda d: [_train_loss(runs.records[r]) for r in d["run_id"]],
+                        grad_norm=lambda d: [_adapter_grad_norm(runs.records[r]) for r in d["run_id"]])
     rep = Report(runs.experiment, "rsLoRA: α/r starves large ranks, α/√r lets them learn",
                  "Kalajdzievski 2023, Figs. 1–2 (LLaMA 7B, ranks 4 to 2048): with α/r the training curves of all "
-                 "ranks collapse onto one another (a higher rank learns no faster); with α/√r a higher rank trains to "
-                 "a lower loss. Here: MiniLM on Rotten Tomatoes, LoRA on Wq and Wv at ranks 4 to 256, one lr per "
-                 "scaling (the one best on validation averaged over its ranks, since the paper keeps it fixed across "
-                 "ranks), the training loss of the last 20 steps.")
-    lines = ["| scaling (lr) | rank | train loss, last 20 steps (95% CI over seeds) | test accuracy |",
-             "|---|---:|---:|---:|"]
-    slopes = {}
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+                 "ranks collapse onto one another (a higher rank learns no faster) and the adapters' gradient norms "
+                 "shrink as the rank grows; with α/√r a higher rank trains to a lower loss and the gradient norm "
+                 "does not collapse. Here: MiniLM on Rotten Tomatoes, LoRA on Wq and Wv at ranks 4 to 256, one lr "
+                 "per scaling (the one best on validation averaged over its ranks, since the paper keeps it fixed "
+                 "across ranks), the training loss of the last 20 steps and the adapter's gradient norm (before "
+                 "clipping, the classifier head left out) averaged over the 100 steps.")
+    lines = ["| scaling (lr) | rank | train loss, last 20 steps (95% CI over seeds) | adapter gradient norm | "
+             "test accuracy |", "|---|---:|---:|---:|---:|"]
+    slopes, norm_slopes = {}, {}
+    fig, axes = plt.subplots(1, 2, figsize=(9.5, 3.6))
     for scaling, g in df.groupby("scaling"):
         val = g.groupby("lr")[f"val_{ACC}"].mean()
         lr = float(val.idxmax())
         g = g[g["lr"] == lr]
-        per_seed = {}
         for rank, gr in sorted(g.groupby("rank")):
-            loss = values_diff(gr["train_loss"])
-            acc = values_diff(gr[f"test_{ACC}"])
-            lines.append(f"| {scaling} ({lr:g}) | {int(rank)} | {loss.text(1, '')} | {acc.text(100)} |")
-            for _, x in gr.iterrows():
-                per_seed.setdefault(int(x["seed"]), []).append((math.log2(rank), x["train_loss"]))
+            loss, norm, acc = (values_diff(gr[c]) for c in ("train_loss", "grad_norm", f"test_{ACC}"))
+            lines.append(f"| {scaling} ({lr:g}) | {int(rank)} | {loss.text(1, '')} | {norm.text(1, '')} | "
+                         f"{acc.text(100)} |")
         ranks = sorted(g["rank"].unique())
-        means = [g[g["rank"] == r]["train_loss"].mean() for r in ranks]
-        ax.plot(ranks, means, marker="o", label=f"{scaling} (lr {lr:g})")
-        slopes[scaling] = values_diff([np.polyfit(*zip(*pts, strict=True), 1)[0] for pts in per_seed.values()
-                                       if len(pts) > 1])
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("rank r")
-    ax.set_ylabel("training loss, last 20 steps")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
+        for ax, column in zip(axes, ("train_loss", "grad_norm"), strict=True):
+            ax.plot(ranks, [g[g["rank"] == r][column].mean() for r in ranks], marker="o",
+                    label=f"{scaling} (lr {lr:g})")
+        slopes[scaling] = _slopes(g, "train_loss")
+        norm_slopes[scaling] = _slopes(g, "grad_norm", log=True)
+    for ax, ylabel in zip(axes, ("training loss, last 20 steps", "adapter gradient norm (mean over steps)"),
+                          strict=True):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("rank r")
+        ax.set_ylabel(ylabel)
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    axes[1].set_yscale("log", base=2)
     fig.tight_layout()
     path = out / "loss_vs_rank.png"
     fig.savefig(path, dpi=120)
@@ -619,14 +639,23 @@ def rslora(runs: Runs, out: Path) -> Report:
     rep.plots.append(path)
     rep.sections.append("## Numbers\n\n" + "\n".join(lines))
     if "rslora" in slopes:
-        s = slopes["rslora"]
         rep.verdicts.append(sign_verdict("with α/√r a higher rank trains to a lower loss (slope of loss vs log2 r < 0)",
-                                         s, "slope per doubling of r", 1.0, "", negative=True))
+                                         slopes["rslora"], "slope per doubling of r", 1.0, "", negative=True))
     if "standard" in slopes and "rslora" in slopes:
         a, b = slopes["standard"], slopes["rslora"]
         rep.verdicts.append(Verdict("with α/r the rank matters less than with α/√r (flatter loss vs rank)",
                                     REPRODUCED if a.mean > b.mean else NOT_REPRODUCED,
                                     f"slope per doubling of r: α/r {a.text(1, '')}, α/√r {b.text(1, '')}"))
+    if "standard" in norm_slopes and norm_slopes["standard"].n:
+        rep.verdicts.append(sign_verdict("with α/r the adapter's gradient norm shrinks as r grows",
+                                         norm_slopes["standard"], "log2 gradient norm per doubling of r", 1.0, "",
+                                         negative=True))
+    if all(k in norm_slopes and norm_slopes[k].n for k in ("standard", "rslora")):
+        a, b = norm_slopes["standard"], norm_slopes["rslora"]
+        rep.verdicts.append(Verdict("with α/√r the gradient norm collapses less with r than with α/r",
+                                    REPRODUCED if b.mean > a.mean else NOT_REPRODUCED,
+                                    f"log2 gradient norm per doubling of r: α/r {a.text(1, '')}, "
+                                    f"α/√r {b.text(1, '')}"))
     return rep
 
 

@@ -305,6 +305,7 @@ def fit(model: nn.Module, variant: Variant, data: Task, cfg: OptimConfig, *, see
                             eps=cfg.eps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.schedule, int(cfg.warmup_ratio * steps), steps))
     params = [p for p in model.parameters() if p.requires_grad]
+    adapter = _outside_head(model, variant)  # the adapter's own gradient norm (rsLoRA Fig. 2), head apart
     history, best, best_state = [], None, None
     step_times: list[float] = []
     gradient_bytes = 0
@@ -353,7 +354,7 @@ def fit(model: nn.Module, variant: Variant, data: Task, cfg: OptimConfig, *, see
     # host syncs (reading the loss, the finiteness check, step timing): every step on CPU, where they cost
     # nothing; every log_every steps on CUDA, so the GPU never waits for Python between steps
     sync_every = cfg.log_every if device.type == "cuda" else SYNC_EVERY_CPU
-    # history entries waiting for values: (entry, [task, extra] per micro-batch + the gradient norm, timer)
+    # history entries waiting for values: (entry, [task, extra] per micro-batch + the two gradient norms, timer)
     pending: list[tuple[dict, torch.Tensor, Callable[[], float]]] = []
 
     def flush() -> None:
@@ -361,10 +362,10 @@ def fit(model: nn.Module, variant: Variant, data: Task, cfg: OptimConfig, *, see
         log and time them."""
         if not pending:
             return
-        values = torch.stack([v for _, v, _ in pending]).tolist()  # (steps, 2 * accum + 1)
+        values = torch.stack([v for _, v, _ in pending]).tolist()  # (steps, 2 * accum + 2)
         for (entry, _, elapsed), row in zip(pending, values, strict=True):
             task, extra = (sum(row[i:2 * cfg.grad_accum:2]) / cfg.grad_accum for i in (0, 1))
-            norm = row[-1]
+            norm, adapter_norm = row[-2:]
             if not math.isfinite(task + extra):
                 pending.clear()
                 raise NonFiniteLoss(entry["step"], task + extra)  # the first bad step, 1-based as in the history
@@ -372,12 +373,15 @@ def fit(model: nn.Module, variant: Variant, data: Task, cfg: OptimConfig, *, see
             if extra:
                 entry["extra_loss"] = extra
             if math.isfinite(norm):  # NaN: not computed (no clipping); inf: clipping skipped nothing finite
-                entry["grad_norm"] = norm  # the total gradient norm before clipping (rsLoRA Fig. 2's quantity)
+                entry["grad_norm"] = norm  # the total gradient norm before clipping
+            if math.isfinite(adapter_norm):
+                entry["adapter_grad_norm"] = adapter_norm
             step_times.append(elapsed())
             lr = entry.pop("_lr")
             if entry["step"] % cfg.log_every == 0 or entry["step"] == steps:
                 log({"train/loss": task, "train/lr": lr, **({"train/extra_loss": extra} if extra else {}),
-                     **({"train/grad_norm": entry["grad_norm"]} if "grad_norm" in entry else {})}, entry["step"])
+                     **{f"train/{k}": entry[k] for k in ("grad_norm", "adapter_grad_norm") if k in entry}},
+                    entry["step"])
         bar.set_postfix(loss=f"{task:.4f}", it_s=f"{1 / max(step_times[-1], 1e-9):.2f}")
         pending.clear()
 
@@ -398,9 +402,7 @@ def fit(model: nn.Module, variant: Variant, data: Task, cfg: OptimConfig, *, see
                 micro.append(torch.stack([task_value, extra_value]))
             if step == 0:  # what the gradients occupy (GaLore: full-size, the projection happens in the optimizer)
                 gradient_bytes = sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None)
-            # clipping computes the total norm anyway: it goes into the history (no extra pass without clipping)
-            norm = (torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).detach().float().reshape(1)
-                    if cfg.grad_clip > 0 else task_value.new_full((1,), math.nan))
+            norm = _grad_norms(params, adapter, cfg.grad_clip, task_value)
             opt.step()
             sched.step()
             variant.after_step(model, step, steps)  # gradients are still present here (AdaLoRA needs them)
@@ -496,6 +498,31 @@ class _StepTimer:
 
 def _better(value, best, higher) -> bool:
     return best is None or (value > best if higher else value < best)
+
+
+def _outside_head(model: nn.Module, variant: Variant) -> list[nn.Parameter] | None:
+    """The trainable parameters outside the task head (the adapter; full FT: the body), or None when that
+    is every trainable parameter or none of them (then ``grad_norm`` says it all)."""
+    from variants.targets import head_module_names
+
+    heads = head_module_names(model, variant.cfg.heads)
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    rest = [p for n, p in trainable if not any(n.startswith(h + ".") for h in heads)]
+    return rest if 0 < len(rest) < len(trainable) else None
+
+
+def _grad_norms(params, adapter, max_norm: float, like: torch.Tensor) -> torch.Tensor:
+    """[total gradient norm before clipping, the same over ``adapter``] (NaN where not computed), clipping
+    the gradients to ``max_norm`` as ``clip_grad_norm_`` does. Without clipping nothing is computed: the
+    norms cost no extra pass only because clipping needs the total anyway."""
+    if max_norm <= 0:
+        return like.new_full((2,), math.nan)
+    grads = [p.grad for p in params if p.grad is not None]
+    total = torch.nn.utils.get_total_norm(grads)
+    part = (torch.nn.utils.get_total_norm([p.grad for p in adapter if p.grad is not None]) if adapter is not None
+            else total.new_full((), math.nan))
+    torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)  # = clip_grad_norm_(params, max_norm)
+    return torch.stack([total, part]).detach().float().to(like.device)
 
 
 def _compact(history: list[dict], keep: int = 200) -> list[dict]:

@@ -230,7 +230,11 @@ def test_rslora_report_on_constructed_learning_curves(tmp_path):
     def history(rank, scaling, seed, lr, effect):
         drop = effect * math.log2(rank) if scaling == "rslora" else 0.0
         end = 0.6 - drop + 0.002 * seed + 0.05 * abs(math.log10(lr / 1e-3))
-        return [{"step": s, "loss": end + 0.5 * (1 - s / 100)} for s in range(5, 101, 5)]
+        # α/r: ‖∇B‖ ∝ s·√r = α/√r (halves every 4× in r) when effect is on; α/√r: flat
+        wobble = 1 + 0.1 * (__import__("random").Random(f"{rank}-{seed}-{scaling}").random() - 0.5)  # no trend
+        norm = (0.1 * rank ** -0.5 if scaling == "standard" and effect else 0.05) * wobble
+        return [{"step": s, "loss": end + 0.5 * (1 - s / 100), "adapter_grad_norm": norm * (1 + 0.1 * (s % 3))}
+                for s in range(5, 101, 5)]
 
     for effect, want in ((0.05, REPRODUCED), (0.0, NOT_REPRODUCED)):
         folder, out = tmp_path / f"e{effect}", tmp_path / f"o{effect}"
@@ -242,9 +246,13 @@ def test_rslora_report_on_constructed_learning_curves(tmp_path):
         got = _verdicts(out, "paper/rslora")
         lower = got["with α/√r a higher rank trains to a lower loss (slope of loss vs log2 r < 0)"]
         assert lower["label"] == (want if effect else NOT_REPRODUCED), got
+        shrinks = got["with α/r the adapter's gradient norm shrinks as r grows"]
+        assert shrinks["label"] == want, shrinks
         if effect:
             assert "-0.05" in lower["reason"]  # the slope as measured
             assert got["with α/r the rank matters less than with α/√r (flatter loss vs rank)"]["label"] == want
+            assert "-0.5" in shrinks["reason"]  # log2 norm per doubling: −1/2 (± the wobble)
+            assert got["with α/√r the gradient norm collapses less with r than with α/r"]["label"] == want
         assert (out / "rslora" / "loss_vs_rank.png").exists()
 
 

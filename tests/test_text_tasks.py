@@ -275,6 +275,36 @@ def test_each_use_of_randomness_has_its_own_stream():
     seeds = {p: stream_seed(0, p) for p in ("model", "adapter", "data", "train")}
     assert len(set(seeds.values())) == 4 and stream_seed(0, "model") == seeds["model"] != stream_seed(1, "model")
 
+def test_history_logs_the_adapters_own_gradient_norm_apart_from_the_head(tmp_path, monkeypatch):
+    """adapter_grad_norm: the norm before clipping over every trainable parameter outside the classifier head
+    (recomputed here from the gradients clipping receives); head-only training logs grad_norm alone."""
+    from test_train import norm_of_grads
+
+    from experiments import trainer
+
+    clip, names = torch.nn.utils.clip_grads_with_norm_, {}
+    outside = trainer._outside_head
+    monkeypatch.setattr(trainer, "_outside_head", lambda model, variant: names.update(
+        {id(p): n for n, p in model.named_parameters()}) or outside(model, variant))
+    expected = []
+
+    def clipping(params, max_norm, total):
+        adapter = [p for p in params if not names[id(p)].startswith("classifier.")]
+        assert len(adapter) < len(params)  # the head trains and is left out
+        expected.append((norm_of_grads(params), norm_of_grads(adapter)))
+        return clip(params, max_norm, total)
+
+    monkeypatch.setattr(trainer.torch.nn.utils, "clip_grads_with_norm_", clipping)
+    hist = run(config(tmp_path, "variant=lora", *smoke_overrides("sentiment"), "optim.max_steps=3",
+                      "optim.batch_size=8"))["history"]
+    assert len(hist) == 3 and len(expected) == 3
+    for h, (total, adapter) in zip(hist, expected, strict=True):
+        assert h["grad_norm"] == pytest.approx(total, rel=1e-5)
+        assert h["adapter_grad_norm"] == pytest.approx(adapter, rel=1e-5) and 0 < adapter < total
+    head = run(config(tmp_path, "variant=head", *FAST))["history"]
+    assert all("grad_norm" in h and "adapter_grad_norm" not in h for h in head)
+
+
 @pytest.mark.parametrize("variant", ["lora", "head"])
 def test_end_to_end_on_sentiment_writes_an_ok_record(variant, tmp_path):
     record = run(config(tmp_path, f"variant={variant}", *FAST))

@@ -383,21 +383,32 @@ def test_history_logs_the_task_loss_and_the_variant_penalty_apart(tmp_path):
 
 
 def test_history_logs_the_gradient_norm_before_clipping_each_step(tmp_path, monkeypatch):
-    """Each entry's grad_norm is the total norm clipping computed at that step (with 2 micro-batches per step
-    and AdaLoRA's penalty beside the task loss, so the packed values are unpacked right); no clipping: none."""
+    """Each entry's grad_norm is the total norm before clipping, recomputed here from the gradients clipping
+    receives (2 micro-batches per step and AdaLoRA's penalty beside the task loss, so the packed values are
+    unpacked right). No head trains on this task: no adapter_grad_norm (it would equal grad_norm). Without
+    clipping: neither. (The adapter's own norm: tests/test_text_tasks.py.)"""
     from experiments import trainer
 
-    seen, clip = [], torch.nn.utils.clip_grad_norm_
-    monkeypatch.setattr(trainer.torch.nn.utils, "clip_grad_norm_",
-                        lambda params, max_norm: seen.append(float(n := clip(params, max_norm))) or n)
+    seen, clip = [], torch.nn.utils.clip_grads_with_norm_
+
+    def clipping(params, max_norm, total):
+        seen.append((norm_of_grads(params), float(total)))
+        return clip(params, max_norm, total)
+
+    monkeypatch.setattr(trainer.torch.nn.utils, "clip_grads_with_norm_", clipping)
     hist = run(config(tmp_path, "variant=adalora", "optim.grad_accum=2", "optim.grad_clip=0.5", *FAST))["history"]
-    by_step = {i + 1: n for i, n in enumerate(seen)}
-    assert len(seen) == 30 and len({round(n, 6) for n in seen}) > 10  # a norm per step, and they vary
-    assert all(h["grad_norm"] == pytest.approx(by_step[h["step"]], rel=1e-6) for h in hist)
-    assert all(h["extra_loss"] > 0 and h["loss"] > 0 for h in hist)
-    assert max(seen) > 0.5  # some steps were clipped: the norm logged is the one before clipping
+    assert len(seen) == 30 and len({round(t, 6) for t, _ in seen}) > 10  # a norm per step, and they vary
+    for h in hist:
+        total, given = seen[h["step"] - 1]
+        assert h["grad_norm"] == pytest.approx(total, rel=1e-5) == pytest.approx(given, rel=1e-5)
+        assert h["extra_loss"] > 0 and h["loss"] > 0 and "adapter_grad_norm" not in h
+    assert max(t for t, _ in seen) > 0.5  # some steps were clipped: the norm logged is the one from before
     none = run(config(tmp_path, "variant=lora", "optim.grad_clip=0", *FAST))["history"]
     assert all("grad_norm" not in h for h in none)
+
+
+def norm_of_grads(params) -> float:
+    return float(torch.sqrt(sum((p.grad.double() ** 2).sum() for p in params if p.grad is not None)))
 
 
 def test_adalora_select_best_restores_only_states_within_the_final_budget():
