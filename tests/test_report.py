@@ -57,11 +57,19 @@ def test_every_paper_size_composes_resolves_and_checks_without_the_hub():
 
 
 @pytest.mark.slow  # every job of every sweep: about a minute
-def test_every_sweep_expands_to_distinct_runs():
+def test_every_sweep_expands_to_distinct_runs_that_pass_the_checks():
+    """Every job of every cpu sweep is a distinct run that passes the entry point's option checks (a sweep
+    job rejected as bad input would leave its report a run short for good)."""
+    from experiments import train
+
     for name in report.experiments():
         cfg, jobs = report.sweep(name)
         assert jobs and len({j.run_id for j in jobs}) == len(jobs), name  # every job a distinct run
         assert "/paper/" in jobs[0].config["results_dir"], name
+        for j in jobs:
+            train.check(j.config)
+        for j in report.sweep(f"{name}/paper")[1]:  # the paper size too: composition and checks, no hub
+            train.check(j.config)
 
 
 def test_sweep_run_ids_are_the_ids_train_writes(tmp_path, monkeypatch):
