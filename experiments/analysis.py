@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -347,6 +347,22 @@ def rank_summary(table: pd.DataFrame) -> dict:
         rho, p = float(res.statistic), float(res.pvalue)
     return {"total": total, "per_type": table.sum() / total, "per_layer": table.sum(axis=1) / total,
             "spearman": rho, "spearman_p": p}
+
+
+# ------------------------------------------------------------------------ GaLore Table 1: memory
+
+
+def galore_state_elements(shapes: Iterable[Sequence[int]], rank: int, trainable: int) -> int:
+    """Optimizer-state elements of GaLore by its Table 1: an m×n projected weight (m ≤ n, either orientation)
+    keeps the projector (mr) and Adam's two moments of the r×n projected gradient (2nr); every other of the
+    ``trainable`` parameters keeps AdamW's two full moments. (Full AdamW: 2·trainable; LoRA: the same over
+    its adapter, Table 1's 2mr + 2nr.)"""
+    projected = state = 0
+    for shape in shapes:
+        m, n = sorted(int(x) for x in shape)
+        projected += m * n
+        state += m * rank + 2 * n * rank  # GaLore Table 1: optimizer states mr + 2nr
+    return state + 2 * (trainable - projected)
 
 
 # --------------------------------------------------------------------------------------------- plots

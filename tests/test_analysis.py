@@ -341,3 +341,10 @@ def test_plot_similarity_writes_a_png_per_call(tmp_path):
     for path in (an.plot_similarity(grids, tmp_path / "phi.png", title="layer 0"),
                  an.plot_similarity(grids["ΔW_q"], tmp_path / "one" / "phi.png")):
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 1000
+
+
+def test_galore_state_elements_is_table_1_on_either_orientation():
+    # 4x6 at r=2: projector 4·2 + moments 2·6·2 = 32; 10 other parameters: 2·10 moments
+    assert an.galore_state_elements([(4, 6)], 2, 4 * 6 + 10) == 32 + 20
+    assert an.galore_state_elements([(6, 4)], 2, 4 * 6 + 10) == 32 + 20  # the smaller side is m either way
+    assert an.galore_state_elements([], 2, 10) == 2 * 10  # nothing projected: full AdamW

@@ -226,6 +226,27 @@ def test_variant_groups_and_cost():
     assert all(g["weight_decay"] == 0.0 for g in opt.param_groups if any(p.ndim < 2 for p in g["params"]))
 
 
+def test_measured_state_after_a_step_is_table_1s_count_from_the_records_summary():
+    """The record's variant_state (projected shapes, rank) and trainable count give, by GaLore Table 1
+    (``analysis.galore_state_elements``), exactly the optimizer state the run holds after a step, on weights
+    of both orientations (BERT's 37x32 intermediate, 32x37 output)."""
+    from experiments import analysis
+
+    model = tiny_bert()
+    v = variants.create("galore", rank=4, targets="all-linear")
+    model.requires_grad_(False)
+    v.apply(model)
+    opt = v.optimizer(model, lr=LR)
+    batch = token_batch(num_labels=3)
+    loss_of(model, batch).backward()
+    opt.step()
+    summary = v.summary(model)
+    shapes = list(summary["projected"].values())
+    assert {tuple(s) for s in shapes} >= {(32, 32), (37, 32), (32, 37)} and summary["rank"] == 4
+    elements = analysis.galore_state_elements(shapes, 4, v.cost(model, opt)["trainable_params"])
+    assert optimizer_state_bytes(opt) == elements * 4  # float32; the step counters are ints (0 bytes)
+
+
 # --------------------------------------------------------------------------------------------- options
 
 

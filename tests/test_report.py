@@ -266,18 +266,22 @@ def test_rslora_report_on_constructed_learning_curves(tmp_path):
 
 def test_galore_memory_report_on_constructed_costs(tmp_path):
     _, jobs = report.sweep("paper/galore_memory")
-    state = {"full": 8e8, "lora": 1e7, "galore": 3e8}
     for j in jobs:
         v = j.config["variant"]
         layerwise = bool(v.get("layerwise"))
         peak = {"full": 3.4e9, "lora": 2.2e9, "galore": 2.5e9}[v["name"]] - (3e7 if layerwise else 0)
-        _fake(j, 20.0, 20.0, tmp_path / "runs_here", metric="perplexity",
-              cost={"trainable_params": 10, "optimizer_state_bytes": state[v["name"]], "gradient_bytes": 4e8,
-                    "peak_memory_bytes": peak + 1e6 * j.config["seed"]})
+        # galore: one 100x400 weight projected at r=8 plus 2e4 other parameters: Table 1 counts
+        # 100·8 + 2·400·8 + 2·2e4 = 47,200 elements, 188,800 bytes in float32 (others: 2 per parameter)
+        trainable = 60_000 if v["name"] != "lora" else 1_000
+        shapes = {"rank": 8, "projected": {"l.0.w": [100, 400]}} if v["name"] == "galore" else None
+        _fake(j, 20.0, 20.0, tmp_path / "runs_here", metric="perplexity", variant_state=shapes,
+              cost={"trainable_params": trainable, "trainable_bytes": 4 * trainable, "gradient_bytes": 4e8,
+                    "optimizer_state_bytes": {"full": 8 * trainable, "lora": 8 * trainable, "galore": 188_800}[
+                        v["name"]], "peak_memory_bytes": peak + 1e6 * j.config["seed"]})
     text = report.make("paper/galore_memory", tmp_path / "out", results_dir=tmp_path / "runs_here").read_text()
     got = _verdicts(tmp_path / "out", "paper/galore_memory")
-    assert {v["label"] for v in got.values()} == {REPRODUCED} and len(got) == 2, got
-    assert "GaLore / full: 0.38" in text and "galore layerwise" in text
+    assert {v["label"] for v in got.values()} == {REPRODUCED} and len(got) == 3, got
+    assert "GaLore / full: 0.39" in text and "galore layerwise" in text and "Table 1's count 188,800" in text
 
 
 def test_lr_fairness_lm_report_counts_the_flips_of_a_lower_is_better_metric(tmp_path):

@@ -326,6 +326,11 @@ class GaLore(Variant):
             opt.update_in_backward()
         return opt
 
+    def summary(self, model: nn.Module) -> dict:
+        """The projected weights' shapes (out, in) and the rank: what GaLore Table 1's memory counts need."""
+        return {"rank": self.cfg.rank,
+                "projected": {n: list(w.shape) for n, w in self._targeted_weights(model).items()}}
+
     def check_optim(self, grad_clip: float, grad_accum: int) -> None:
         if self.cfg.layerwise and (grad_clip > 0 or grad_accum > 1):
             bad = f"optim.grad_clip={grad_clip}" if grad_clip > 0 else f"optim.grad_accum={grad_accum}"
