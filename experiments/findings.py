@@ -698,16 +698,23 @@ def _fairness(runs: Runs, out: Path, metric: str, title: str) -> Report:
                  f"shared grid, 3 seeds: ranked at the lr that is best for LoRA on validation ({shared_lr:g}) and "
                  "ranked "
                  "each at its own val-best lr; the report counts the pairs of methods whose order flips.")
+    failed = runs.failed
+    diverged = {}  # method -> failed runs at the shared lr, for methods with no ok run there
+    if not failed.empty and "lr" in failed:
+        at = failed[np.isclose(failed["lr"].astype(float), shared_lr)]
+        diverged = {v: len(g) for v, g in at.groupby("variant") if not (shared["variant"] == v).any()}
     lines = [f"| method | own val-best lr | test {metric} at it (95% CI) | at the shared lr {shared_lr:g} |",
              "|---|---:|---:|---:|"]
     for _, r in own.iterrows():
         s = shared[shared["variant"] == r["variant"]]
-        at_shared = fmt(s.iloc[0]) + trivial_note(s.iloc[0], _scale(s.iloc[0])) if len(s) else "–"
+        at_shared = (fmt(s.iloc[0]) + trivial_note(s.iloc[0], _scale(s.iloc[0])) if len(s) else
+                     f"failed ({diverged[r['variant']]} runs; ranked last)" if r["variant"] in diverged else "–")
         lines.append(f"| {r['variant']} | {r['lr']:g}{' (' + r['lr_edge'] + ' tried)' if r['lr_edge'] else ''} | "
                      f"{fmt(r)}{trivial_note(r, _scale(r))} | {at_shared} |")
     rep.sections.append("## Numbers\n\n" + "\n".join(lines))
     a = dict(zip(own["variant"], sign * own["mean"], strict=True))
     b = dict(zip(shared["variant"], sign * shared["mean"], strict=True))
+    b.update({v: -math.inf for v in diverged})  # a run that fails at the shared lr ranks below every result
     names = sorted(set(a) & set(b))
     pairs = [(x, y) for i, x in enumerate(names) for y in names[i + 1:]]
     flips = [(x, y) for x, y in pairs if (a[x] - a[y]) * (b[x] - b[y]) < 0]

@@ -292,15 +292,20 @@ def test_lr_fairness_lm_report_counts_the_flips_of_a_lower_is_better_metric(tmp_
     _, jobs = report.sweep("paper/lr_fairness_lm")
     best_lr = {"lora": 1e-3, "dora": 1e-3, "galore": 1e-3, "adalora": 1e-3, "full": 3e-5}
     level = {"lora": 20.0, "dora": 19.5, "galore": 21.0, "adalora": 22.0, "full": 18.0}
-    for j in jobs:
-        name, lr, seed = j.config["variant"]["name"], j.config["optim"]["lr"], j.config["seed"]
-        ppl = level[name] + 3 * abs(math.log10(lr / best_lr[name])) ** 2 * (4 if name == "full" else 1) + 0.1 * seed
-        _fake(j, ppl, ppl, tmp_path / "runs_here", metric="perplexity")
-    text = report.make("paper/lr_fairness_lm", tmp_path / "out", results_dir=tmp_path / "runs_here").read_text()
-    got = _verdicts(tmp_path / "out", "paper/lr_fairness_lm")
-    assert got["a shared lr changes the ranking of the methods"]["label"] == REPRODUCED
-    assert "4 of 10 pairs flip" in got["a shared lr changes the ranking of the methods"]["reason"]
-    assert "0.001" in text and "3e-05" in text
+    for diverges in (False, True):
+        folder, out = tmp_path / f"runs{diverges}", tmp_path / f"out{diverges}"
+        for j in jobs:
+            name, lr, seed = j.config["variant"]["name"], j.config["optim"]["lr"], j.config["seed"]
+            ppl = level[name] + 3 * abs(math.log10(lr / best_lr[name])) ** 2 * (4 if name == "full" else 1) + 0.1 * seed
+            _fake(j, ppl, ppl, folder, metric="perplexity")
+            if diverges and name == "full" and lr >= 1e-3:  # full FT blows up from LoRA's lr on: failed records
+                _fake(j, ppl, ppl, folder, metric="perplexity", status="failed", metrics=None,
+                      error={"type": "NonFiniteLoss", "message": "loss is nan", "step": 3})
+        text = report.make("paper/lr_fairness_lm", out, results_dir=folder).read_text()
+        got = _verdicts(out, "paper/lr_fairness_lm")["a shared lr changes the ranking of the methods"]
+        assert got["label"] == REPRODUCED and "4 of 10 pairs flip" in got["reason"], got  # full: last either way
+        assert "0.001" in text and "3e-05" in text
+        assert ("failed (3 runs; ranked last)" in text) == diverges
 
 
 def test_a_setting_at_the_trivial_baseline_is_flagged_in_its_row(tmp_path):
