@@ -221,7 +221,10 @@ def equivalence_verdict(claim: str, d: Diff, margin: float, what: str, scale: fl
         return Verdict(claim, NOT_COMPARABLE, f"{text}: fewer than 2 paired seeds")
     if -margin < d.low and d.high < margin:
         return Verdict(claim, REPRODUCED, f"{text}: the interval lies within the margin")
-    return Verdict(claim, NOT_REPRODUCED, f"{text}: the interval leaves the margin")
+    if d.low >= margin or d.high <= -margin:
+        return Verdict(claim, NOT_REPRODUCED, f"{text}: the interval lies outside the margin (a real difference)")
+    return Verdict(claim, NOT_REPRODUCED, f"{text}: the interval reaches beyond the margin (equivalence not shown "
+                                          "at this size)")
 
 
 def spearman(xs, ys) -> tuple[float, float]:

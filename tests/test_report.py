@@ -112,7 +112,10 @@ def test_correlation_interval_is_fisher_z_and_stays_inside_one():
 
 def test_equivalence_verdict():
     assert report.equivalence_verdict("a ≈ b", Diff(0.0, -0.01, 0.01, 3), 0.02, "d").label == REPRODUCED
-    assert report.equivalence_verdict("a ≈ b", Diff(0.0, -0.03, 0.01, 3), 0.02, "d").label == NOT_REPRODUCED
+    wide = report.equivalence_verdict("a ≈ b", Diff(0.0, -0.03, 0.01, 3), 0.02, "d")
+    assert wide.label == NOT_REPRODUCED and "not shown" in wide.reason
+    apart = report.equivalence_verdict("a ≈ b", Diff(0.05, 0.03, 0.07, 3), 0.02, "d")
+    assert apart.label == NOT_REPRODUCED and "a real difference" in apart.reason
 
 
 _NAMES = {"q": "l.query", "k": "l.key", "v": "l.value", "o": "l.attention.output.dense"}
