@@ -187,6 +187,10 @@ class DoRALinear(LoRALinear):
             W.copy_((W / self._per_row(self.merge_scale) - self.delta_weight()).to(W.dtype))
             self.merge_scale, self.merged = None, False
 
+    def restore_unmerged(self, weight: torch.Tensor) -> None:
+        super().restore_unmerged(weight)
+        self.merge_scale = None
+
 
 @register("dora")
 class DoRA(LoRA):

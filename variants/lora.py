@@ -124,6 +124,12 @@ class _LowRankUpdate(nn.Module):
             self.base_layer.weight -= self.delta_weight().to(self.base_layer.weight.dtype)
             self.merged = False
 
+    @torch.no_grad()
+    def restore_unmerged(self, weight: torch.Tensor) -> None:
+        """Unmerged by copying back the frozen weight saved before ``merge`` (bit for bit, unlike ``unmerge``)."""
+        self.base_layer.weight.copy_(weight)
+        self.merged = False
+
     def extra_repr(self) -> str:
         return f"rank={self.rank}, scaling={self.scaling:g}, merged={self.merged}"
 
@@ -418,12 +424,8 @@ class LoRA(Variant):
                 layer.merge()
             yield True
         finally:
-            with torch.no_grad():
-                for layer, w in zip(layers, stored, strict=True):
-                    layer.base_layer.weight.copy_(w)
-                    layer.merged = False
-                    if hasattr(layer, "merge_scale"):
-                        layer.merge_scale = None
+            for layer, w in zip(layers, stored, strict=True):
+                layer.restore_unmerged(w)
 
     # -- peft layout: adapter_model.safetensors + adapter_config.json that PeftModel.from_pretrained loads
     @property
