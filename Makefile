@@ -71,7 +71,7 @@ bench: $(STAMP) ## side-by-side step time, eval time and memory of each method v
 
 # the paper reproductions (conf/experiment/paper/): every cpu experiment's sweep, 2 joblib jobs x 1 thread
 # (resumable: finished runs are skipped; a failed run is a failed record, the other experiments go on),
-# then results/paper/<name>.md. All of them: hours on 2 cores; PAPER=paper/lora_rank for one.
+# then results/paper/<name>.md. All of them: about 10 hours on 2 cores; PAPER=paper/lora_rank for one.
 PAPER ?= $(patsubst conf/experiment/%.yaml,%,$(wildcard conf/experiment/paper/*.yaml))
 paper: $(STAMP) $(ASSETS_STAMP) ## reproduce the papers' findings: sweeps, then results/paper/<name>.md (PAPER=paper/<name>)
 	@status=0; for e in $(PAPER); do \
