@@ -605,14 +605,19 @@ def _adapter_grad_norm(rec: dict) -> float:
     return float(np.mean(norms)) if norms else math.nan
 
 
-def _slopes(g: pd.DataFrame, column: str, log: bool = False) -> Diff:
-    """Per seed, the least-squares slope of ``column`` (its log2 when ``log``) against log2 r; their mean."""
+def _slopes(g: pd.DataFrame, column: str, log: bool = False) -> dict[int, float]:
+    """{seed: the least-squares slope of ``column`` (its log2 when ``log``) against log2 r}."""
     per_seed = {}
     for _, x in g.iterrows():
         y = x[column]
         if not math.isnan(y):
             per_seed.setdefault(int(x["seed"]), []).append((math.log2(x["rank"]), math.log2(y) if log else y))
-    return values_diff([np.polyfit(*zip(*pts, strict=True), 1)[0] for pts in per_seed.values() if len(pts) > 1])
+    return {s: float(np.polyfit(*zip(*pts, strict=True), 1)[0]) for s, pts in per_seed.items() if len(pts) > 1}
+
+
+def _paired(a: dict[int, float], b: dict[int, float]) -> Diff:
+    """a − b over the seeds both have."""
+    return values_diff([a[s] - b[s] for s in sorted(set(a) & set(b))])
 
 
 @finding("paper/rslora")
@@ -659,24 +664,25 @@ def rslora(runs: Runs, out: Path) -> Report:
     plt.close(fig)
     rep.plots.append(path)
     rep.sections.append("## Numbers\n\n" + "\n".join(lines))
+    both = "standard" in slopes and "rslora" in slopes
     if "rslora" in slopes:
         rep.verdicts.append(sign_verdict("with α/√r a higher rank trains to a lower loss (slope of loss vs log2 r < 0)",
-                                         slopes["rslora"], "slope per doubling of r", 1.0, "", negative=True))
-    if "standard" in slopes and "rslora" in slopes:
-        a, b = slopes["standard"], slopes["rslora"]
-        rep.verdicts.append(Verdict("with α/r the rank matters less than with α/√r (flatter loss vs rank)",
-                                    REPRODUCED if a.mean > b.mean else NOT_REPRODUCED,
-                                    f"slope per doubling of r: α/r {a.text(1, '')}, α/√r {b.text(1, '')}"))
-    if "standard" in norm_slopes and norm_slopes["standard"].n:
-        rep.verdicts.append(sign_verdict("with α/r the adapter's gradient norm shrinks as r grows",
-                                         norm_slopes["standard"], "log2 gradient norm per doubling of r", 1.0, "",
+                                         values_diff(slopes["rslora"].values()), "slope per doubling of r", 1.0, "",
                                          negative=True))
-    if all(k in norm_slopes and norm_slopes[k].n for k in ("standard", "rslora")):
-        a, b = norm_slopes["standard"], norm_slopes["rslora"]
-        rep.verdicts.append(Verdict("with α/√r the gradient norm collapses less with r than with α/r",
-                                    REPRODUCED if b.mean > a.mean else NOT_REPRODUCED,
-                                    f"log2 gradient norm per doubling of r: α/r {a.text(1, '')}, "
-                                    f"α/√r {b.text(1, '')}"))
+    if both:
+        rep.verdicts.append(sign_verdict(
+            "with α/r the rank matters less than with α/√r (flatter loss vs rank)",
+            _paired(slopes["standard"], slopes["rslora"]), "loss slope per doubling of r, α/r − α/√r (paired by "
+            f"seed; α/r alone {values_diff(slopes['standard'].values()).text(1, '')})", 1.0, ""))
+    if norm_slopes.get("standard"):
+        rep.verdicts.append(sign_verdict("with α/r the adapter's gradient norm shrinks as r grows",
+                                         values_diff(norm_slopes["standard"].values()),
+                                         "log2 gradient norm per doubling of r", 1.0, "", negative=True))
+    if norm_slopes.get("standard") and norm_slopes.get("rslora"):
+        rep.verdicts.append(sign_verdict(
+            "with α/√r the gradient norm collapses less with r than with α/r",
+            _paired(norm_slopes["rslora"], norm_slopes["standard"]), "log2 gradient norm per doubling of r, α/√r − "
+            f"α/r (paired by seed; α/√r alone {values_diff(norm_slopes['rslora'].values()).text(1, '')})", 1.0, ""))
     return rep
 
 
