@@ -538,12 +538,13 @@ def galore_memory(runs: Runs, out: Path) -> Report:
              "trainable | n |", "|---|---:|---:|---:|---:|---:|---:|"]
     groups = df.groupby(["variant", "cfg.variant.layerwise"] if "cfg.variant.layerwise" in df else ["variant"],
                         dropna=False)
-    med = {}
+    med, peaks = {}, {}
     for key, g in groups:
         key = key if isinstance(key, tuple) else (key,)
         name = key[0] + (" layerwise" if len(key) > 1 and key[1] is True else "")
         m = {c: aggregate.floats(g, c).median() for c in cols}
         med[name] = m
+        peaks[name] = dict(zip(g["seed"].astype(int), aggregate.floats(g, "peak_memory_bytes"), strict=True))
         lines.append(f"| {name} | {_memory_mib(m['optimizer_state_bytes'])} | {_memory_mib(m['table1_state_bytes'])} | "
                      f"{_memory_mib(m['gradient_bytes'])} | {_memory_mib(m['peak_memory_bytes'])} | "
                      f"{int(m['trainable_params']):,} | {len(g)} |")
@@ -558,12 +559,11 @@ def galore_memory(runs: Runs, out: Path) -> Report:
         rep.verdicts.append(Verdict("GaLore's optimizer state is a fraction of full AdamW's (0.28 / 0.51 GB at 130M)",
                                     REPRODUCED if ratio < 1 else NOT_REPRODUCED, f"GaLore / full: {ratio:.2f}"))
     if "galore layerwise" in med and "galore" in med:
-        d = med["galore layerwise"]["peak_memory_bytes"] - med["galore"]["peak_memory_bytes"]
-        grads = med["galore"]["gradient_bytes"]
-        rep.verdicts.append(Verdict("the layer-wise update lowers the training peak (gradients never all exist)",
-                                    REPRODUCED if d < 0 else NOT_REPRODUCED,
-                                    f"peak layerwise − peak: {d / 2**20:+,.0f} MiB (all gradients: "
-                                    f"{_memory_mib(grads)} MiB); CPU peaks are the process's resident set"))
+        d = _paired(peaks["galore layerwise"], peaks["galore"])
+        rep.verdicts.append(sign_verdict(
+            "the layer-wise update lowers the training peak (gradients never all exist)", d,
+            f"peak layerwise − peak, paired by seed (all gradients: {_memory_mib(med['galore']['gradient_bytes'])} "
+            "MiB; a CPU peak is the process's resident set)", 2.0**-20, " MiB", negative=True))
     return rep
 
 
@@ -724,12 +724,39 @@ def _fairness(runs: Runs, out: Path, metric: str, title: str) -> Report:
     names = sorted(set(a) & set(b))
     pairs = [(x, y) for i, x in enumerate(names) for y in names[i + 1:]]
     flips = [(x, y) for x, y in pairs if (a[x] - a[y]) * (b[x] - b[y]) < 0]
-    rep.sections.append("## Flips\n\n" + (", ".join(f"{x} vs {y}" for x, y in flips) or "none") +
-                        f" ({len(flips)} of {len(pairs)} pairs)")
-    rep.verdicts.append(Verdict("a shared lr changes the ranking of the methods",
-                                REPRODUCED if flips else NOT_REPRODUCED,
-                                f"{len(flips)} of {len(pairs)} pairs flip (means of 3 seeds; the flips' own "
-                                "intervals are in the table)"))
+    column, scale = f"test_{metric}", 100.0 if metric == ACC else 1.0
+
+    def diff(x, y, at) -> Diff | None:  # x − y in the better direction, paired by seed; None: a side failed
+        rows = {v: at[at["variant"] == v] for v in (x, y)}
+        if any(r.empty for r in rows.values()):
+            return None
+        d = paired_diff(df, rows[x].iloc[0], rows[y].iloc[0], column)
+        return Diff(sign * d.mean, *sorted((sign * d.low, sign * d.high)), d.n)
+
+    def clear(d: Diff | None) -> int:  # +1 / −1: the interval lies above / below 0; 0: not resolved
+        return 0 if d is None or d.n < 2 or math.isnan(d.low) else (d.low > 0) - (d.high < 0)
+
+    lines = ["| pair | own lrs: first − second (95% CI) | shared lr: first − second | clear flip |",
+             "|---|---:|---:|---|"]
+    clear_flips = []
+    for x, y in flips:
+        d_own, d_shared = diff(x, y, own), diff(x, y, shared)
+        failed_side = d_shared is None  # a method failed at the shared lr: its order there is certain
+        is_clear = clear(d_own) != 0 and (failed_side or clear(d_own) == -clear(d_shared))
+        clear_flips += [(x, y)] if is_clear else []
+        shared_text = "one side failed" if failed_side else d_shared.text(scale, "")
+        lines.append(f"| {x} vs {y} | {d_own.text(scale, '') if d_own else '–'} | {shared_text} | "
+                     f"{'yes' if is_clear else 'no'} |")
+    higher_word = "higher is better" if higher else "lower is better, so signs are flipped to read as 'better by'"
+    rep.sections.append("## Flips\n\n" + (f"{len(flips)} of {len(pairs)} pairs change order ({higher_word}); a "
+                                           "flip is clear when both paired intervals exclude 0 with opposite "
+                                           "signs.\n\n" + "\n".join(lines) if flips else
+                                           f"none of the {len(pairs)} pairs change order"))
+    label = REPRODUCED if clear_flips else NOT_REPRODUCED
+    rep.verdicts.append(Verdict("a shared lr changes the ranking of the methods", label,
+                                f"{len(flips)} of {len(pairs)} pairs flip in their means over 3 seeds, "
+                                f"{len(clear_flips)} clearly (both paired 95% intervals exclude 0)"
+                                + (f": {', '.join(f'{x} vs {y}' for x, y in clear_flips)}" if clear_flips else "")))
     return rep
 
 
