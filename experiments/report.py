@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import math
 import os
@@ -55,13 +56,18 @@ def experiments() -> list[str]:
     return sorted(f"paper/{p.stem}" for p in (CONF / "experiment" / "paper").glob("*.yaml"))
 
 
+@functools.cache
+def _entries() -> tuple[dict, ...]:
+    """paper_numbers.yaml, parsed once per process (pure-Python YAML takes seconds for its 238 entries)."""
+    return tuple(yaml.load(NUMBERS.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)))
+
+
 def paper_numbers(experiment: str | None = None) -> list[dict]:
-    entries = yaml.safe_load(NUMBERS.read_text())
-    return [e for e in entries if experiment is None or e["experiment"] == experiment]
+    return [dict(e) for e in _entries() if experiment is None or e["experiment"] == experiment]
 
 
 def number(entry_id: str) -> float | None:
-    return next(e["value"] for e in paper_numbers() if e["id"] == entry_id)
+    return next(e["value"] for e in _entries() if e["id"] == entry_id)
 
 
 @dataclass
