@@ -224,6 +224,21 @@ def test_correlation_sign_follows_the_constructed_family(tmp_path, sign):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 1000
 
 
+@pytest.mark.parametrize("trade", [-1, 1])
+def test_partial_correlation_removes_the_common_size_of_the_update(trade):
+    """ΔM ∝ u·e^(+ε) and ΔD ∝ u²·e^(trade·ε) over updates u spanning 100×: the raw correlation is positive
+    either way (both grow with u); given u, the correlation has the sign of ``trade``."""
+    rng = np.random.default_rng(3)
+    u = np.exp(rng.uniform(np.log(1e-4), np.log(1e-2), 40))
+    eps = 0.3 * rng.standard_normal(40)
+    table = pd.DataFrame({"type": "q", "update": u, "delta_m": u * np.exp(eps),
+                          "delta_d": u ** 2 * np.exp(trade * eps + 0.05 * rng.standard_normal(40))})
+    assert an.decomposition_correlation(table).loc[0, "r"] > 0.5
+    partial = an.decomposition_partial_correlation(table).loc[0, "r"]
+    assert np.sign(partial) == trade and abs(partial) > 0.9
+    assert np.isnan(an.decomposition_partial_correlation(table.head(3)).loc[0, "r"])
+
+
 def test_decomposition_needs_step_0_and_degenerate_groups_give_nan():
     snap = an.Snapshot(5, {}, {"m": {"weight": np.ones((2, 2))}})
     with pytest.raises(ValueError, match="step-0"):
