@@ -475,7 +475,7 @@ def adalora_ranks(runs: Runs, out: Path) -> Report:
     rep.plots.append(analysis.plot_rank_pattern(mean, out / "rank_pattern.png",
                                                 title=f"AdaLoRA final ranks, mean of {len(tables)} seeds"))
     lines = ["| matrix type | share of the kept ranks (95% CI over seeds) |", "|---|---:|"]
-    lines += [f"| {t} | {values_diff(v).text(100, ' %')} |" for t, v in shares.items()]
+    lines += [f"| {t} | {values_diff(v).text(100, ' %', signed=False)} |" for t, v in shares.items()]
     rep.sections.append("## Budget per matrix type\n\n" + "\n".join(lines))
     ffn = [t for t in shares if t in ("intermediate.dense", "output.dense") or "mlp" in t]
     if ffn:
