@@ -78,6 +78,16 @@ class Job:
 
 
 def sweep(experiment: str, overrides: tuple[str, ...] = ()) -> tuple[dict, list[Job]]:
+    """``_sweep`` (below), composed once per process for each experiment, overrides and the environment the
+    configs read (``${oc.env:...}``); a copy each call, so a caller may change what it gets."""
+    import copy
+
+    env = tuple(os.environ.get(k) for k in ("LORABENCH_RESULTS", "LORABENCH_CACHE", "LORABENCH_ASSETS"))
+    return copy.deepcopy(_sweep(experiment, tuple(overrides), env))
+
+
+@functools.lru_cache(maxsize=64)
+def _sweep(experiment: str, overrides: tuple[str, ...], _env: tuple) -> tuple[dict, list[Job]]:
     """(the composed experiment config, one Job per run its sweep defines), as ``experiments.train -m
     experiment=<name> *overrides`` composes them: the sweeper's params (those ``overrides`` do not set)
     expanded by Hydra's basic sweeper, lr maps resolved per variant. Hydra composes once per combination of
