@@ -32,24 +32,17 @@ from experiments.report import (  # noqa: E402
     finding,
     fmt_ci,
     number,
+    paired,
     paired_diff,
     seeds_of,
     setting_table,
     sign_verdict,
     spearman,
     trivial_note,
+    values_diff,
 )
 
 ACC = "accuracy"
-
-
-def values_diff(values) -> Diff:
-    """A sample's mean and interval (against 0), as a Diff."""
-    v = np.asarray([x for x in values if not math.isnan(x)], dtype=float)
-    if not len(v):
-        return Diff(math.nan, math.nan, math.nan, 0)
-    lo, hi, _ = aggregate.mean_ci(v)
-    return Diff(float(v.mean()), lo, hi, len(v))
 
 
 def correlation_diff(values) -> Diff:
@@ -347,11 +340,10 @@ def lora_subspace(runs: Runs, out: Path) -> Report:
             lines.append(f"| {rank} | {values_diff(vals.values()).text(1, '', signed=False)} | {paper} |")
         rep.sections.append("## Amplification (Table 7)\n\n" + "\n".join(lines))
         if 4 in amp and 64 in amp:
-            both = sorted(set(amp[4]) & set(amp[64]))
+            logs = {r: {s: math.log(a) for s, a in amp[r].items()} for r in (4, 64)}
             rep.verdicts.append(sign_verdict(
                 "the amplification is larger at r=4 than at r=64 (21.5 vs ~2)",
-                values_diff([math.log(amp[4][s] / amp[64][s]) for s in both]), "log(factor r=4 / factor r=64)",
-                1.0, ""))
+                paired(logs[4], logs[64]), "log(factor r=4 / factor r=64)", 1.0, ""))
             rep.verdicts.append(sign_verdict("ΔW amplifies directions of W by a factor above 1 at r=4",
                                              values_diff([math.log(a) for a in amp[4].values()]), "log factor at r=4",
                                              1.0, ""))
@@ -380,9 +372,10 @@ def dora_decomposition(runs: Runs, out: Path) -> Report:
         per_type: dict[str, list[float]] = {}
         partial: dict[str, list[float]] = {}
         size: list[float] = []
-        for seed, rid in sorted(run_ids(df, r).items()):
+        ids = run_ids(df, r)
+        for seed, rid in sorted(ids.items()):
             table = analysis.decomposition_table(snapshots_of(runs, rid))
-            if seed == min(run_ids(df, r)):
+            if seed == min(ids):
                 rep.plots.append(analysis.plot_decomposition(table, out / f"dm_dd_{r['variant']}.png"))
             for _, c in analysis.decomposition_correlation(table, by="type").iterrows():
                 per_type.setdefault(c["type"], []).append(float(c["r"]))
@@ -622,7 +615,7 @@ def galore_memory(runs: Runs, out: Path) -> Report:
         rep.verdicts.append(Verdict("GaLore's optimizer state is a fraction of full AdamW's (0.28 / 0.51 GB at 130M)",
                                     REPRODUCED if ratio < 1 else NOT_REPRODUCED, f"GaLore / full: {ratio:.2f}"))
     if "galore layerwise" in med and "galore" in med:
-        d = _paired(peaks["galore layerwise"], peaks["galore"])
+        d = paired(peaks["galore layerwise"], peaks["galore"])
         rep.verdicts.append(sign_verdict(
             "the layer-wise update lowers the training peak (gradients never all exist)", d,
             f"peak layerwise − peak, paired by seed (all gradients: {_memory_mib(med['galore']['gradient_bytes'])} "
@@ -657,15 +650,11 @@ def loraplus_ratio(runs: Runs, out: Path) -> Report:
     return rep
 
 
-def _train_loss(rec: dict, last: int = 20) -> float:
-    losses = [h["loss"] for h in rec.get("history") or [] if h.get("loss") is not None]
-    return float(np.mean(losses[-last:])) if losses else math.nan
-
-
-def _adapter_grad_norm(rec: dict) -> float:
-    """The run's mean adapter gradient norm over its logged steps (NaN for records without one)."""
-    norms = [h["adapter_grad_norm"] for h in rec.get("history") or [] if h.get("adapter_grad_norm") is not None]
-    return float(np.mean(norms)) if norms else math.nan
+def _history_mean(rec: dict, key: str, last: int | None = None) -> float:
+    """The mean of ``key`` over the record's history entries that have it (the ``last`` ones only when
+    given); NaN for a record without it (e.g. an adapter gradient norm from before it was logged)."""
+    values = [h[key] for h in rec.get("history") or [] if h.get(key) is not None]
+    return float(np.mean(values[-last:] if last else values)) if values else math.nan
 
 
 def _slopes(g: pd.DataFrame, column: str, log: bool = False) -> dict[int, float]:
@@ -678,15 +667,10 @@ def _slopes(g: pd.DataFrame, column: str, log: bool = False) -> dict[int, float]
     return {s: float(np.polyfit(*zip(*pts, strict=True), 1)[0]) for s, pts in per_seed.items() if len(pts) > 1}
 
 
-def _paired(a: dict[int, float], b: dict[int, float]) -> Diff:
-    """a − b over the seeds both have."""
-    return values_diff([a[s] - b[s] for s in sorted(set(a) & set(b))])
-
-
 @finding("paper/rslora")
 def rslora(runs: Runs, out: Path) -> Report:
-    df = runs.ok.assign(train_loss=lambda d: [_train_loss(runs.records[r]) for r in d["run_id"]],
-                        grad_norm=lambda d: [_adapter_grad_norm(runs.records[r]) for r in d["run_id"]])
+    df = runs.ok.assign(train_loss=lambda d: [_history_mean(runs.records[r], "loss", 20) for r in d["run_id"]],
+                        grad_norm=lambda d: [_history_mean(runs.records[r], "adapter_grad_norm") for r in d["run_id"]])
     rep = Report(runs.experiment, "rsLoRA: α/r starves large ranks, α/√r lets them learn",
                  "Kalajdzievski 2023, Figs. 1–2 (LLaMA 7B, ranks 4 to 2048): with α/r the training curves of all "
                  "ranks collapse onto one another (a higher rank learns no faster) and the adapters' gradient norms "
@@ -735,7 +719,7 @@ def rslora(runs: Runs, out: Path) -> Report:
     if both:
         rep.verdicts.append(sign_verdict(
             "with α/r the rank matters less than with α/√r (flatter loss vs rank)",
-            _paired(slopes["standard"], slopes["rslora"]), "loss slope per doubling of r, α/r − α/√r (paired by "
+            paired(slopes["standard"], slopes["rslora"]), "loss slope per doubling of r, α/r − α/√r (paired by "
             f"seed; α/r alone {values_diff(slopes['standard'].values()).text(1, '')})", 1.0, ""))
     if norm_slopes.get("standard"):
         rep.verdicts.append(sign_verdict("with α/r the adapter's gradient norm shrinks as r grows",
@@ -744,7 +728,7 @@ def rslora(runs: Runs, out: Path) -> Report:
     if norm_slopes.get("standard") and norm_slopes.get("rslora"):
         rep.verdicts.append(sign_verdict(
             "with α/√r the gradient norm collapses less with r than with α/r",
-            _paired(norm_slopes["rslora"], norm_slopes["standard"]), "log2 gradient norm per doubling of r, α/√r − "
+            paired(norm_slopes["rslora"], norm_slopes["standard"]), "log2 gradient norm per doubling of r, α/√r − "
             f"α/r (paired by seed; α/√r alone {values_diff(norm_slopes['rslora'].values()).text(1, '')})", 1.0, ""))
     return rep
 
@@ -776,10 +760,10 @@ def _fairness(runs: Runs, out: Path, metric: str, title: str) -> Report:
              "|---|---:|---:|---:|"]
     for _, r in own.iterrows():
         s = shared[shared["variant"] == r["variant"]]
-        at_shared = (fmt(s.iloc[0]) + trivial_note(s.iloc[0], _scale(s.iloc[0])) if len(s) else
+        at_shared = (fmt(s.iloc[0]) + trivial_note(s.iloc[0], _scale(metric)) if len(s) else
                      f"failed ({diverged[r['variant']]} runs; ranked last)" if r["variant"] in diverged else "–")
         lines.append(f"| {r['variant']} | {r['lr']:g}{' (' + r['lr_edge'] + ' tried)' if r['lr_edge'] else ''} | "
-                     f"{fmt(r)}{trivial_note(r, _scale(r))} | {at_shared} |")
+                     f"{fmt(r)}{trivial_note(r, _scale(metric))} | {at_shared} |")
     rep.sections.append("## Numbers\n\n" + "\n".join(lines))
     a = dict(zip(own["variant"], sign * own["mean"], strict=True))
     b = dict(zip(shared["variant"], sign * shared["mean"], strict=True))
@@ -787,7 +771,7 @@ def _fairness(runs: Runs, out: Path, metric: str, title: str) -> Report:
     names = sorted(set(a) & set(b))
     pairs = [(x, y) for i, x in enumerate(names) for y in names[i + 1:]]
     flips = [(x, y) for x, y in pairs if (a[x] - a[y]) * (b[x] - b[y]) < 0]
-    column, scale = f"test_{metric}", 100.0 if metric == ACC else 1.0
+    column, scale = f"test_{metric}", _scale(metric)
 
     def diff(x, y, at) -> Diff | None:  # x − y in the better direction, paired by seed; None: a side failed
         rows = {v: at[at["variant"] == v] for v in (x, y)}
@@ -823,12 +807,13 @@ def _fairness(runs: Runs, out: Path, metric: str, title: str) -> Report:
     return rep
 
 
-def _scale(r: pd.Series) -> float:
-    return 100.0 if r["metric"] == ACC else 1.0
+def _scale(metric: str) -> float:
+    """Accuracies print in percent, other metrics (perplexity) as they are."""
+    return 100.0 if metric == ACC else 1.0
 
 
 def fmt(r: pd.Series) -> str:
-    return fmt_ci(r, _scale(r), digits=2)
+    return fmt_ci(r, _scale(r["metric"]), digits=2)
 
 
 @finding("paper/lr_fairness")

@@ -195,14 +195,23 @@ class Diff:
                 f"(n={self.n})")
 
 
-def paired_diff(df: pd.DataFrame, a: pd.Series, b: pd.Series, column: str) -> Diff:
-    x, y = seeds_of(df, a, column), seeds_of(df, b, column)
-    common = sorted(set(x) & set(y))
-    d = np.array([x[s] - y[s] for s in common])
-    if not len(d):
+def values_diff(values) -> Diff:
+    """A sample's mean and its interval (against 0), as a Diff; NaNs left out."""
+    v = np.asarray([x for x in values if not math.isnan(x)], dtype=float)
+    if not len(v):
         return Diff(math.nan, math.nan, math.nan, 0)
-    lo, hi, _ = aggregate.mean_ci(d, CONFIDENCE)
-    return Diff(float(d.mean()), lo, hi, len(d))
+    lo, hi, _ = aggregate.mean_ci(v, CONFIDENCE)
+    return Diff(float(v.mean()), lo, hi, len(v))
+
+
+def paired(x: dict[int, float], y: dict[int, float]) -> Diff:
+    """x − y over the seeds both have ({seed: value} each)."""
+    return values_diff([x[s] - y[s] for s in sorted(set(x) & set(y))])
+
+
+def paired_diff(df: pd.DataFrame, a: pd.Series, b: pd.Series, column: str) -> Diff:
+    """``column`` of setting a minus setting b, paired by seed."""
+    return paired(seeds_of(df, a, column), seeds_of(df, b, column))
 
 
 @dataclass
@@ -221,9 +230,10 @@ def sign_verdict(claim: str, d: Diff, what: str, scale: float = 100.0, unit: str
     if d.n < 2 or math.isnan(d.low):
         return Verdict(claim, NOT_COMPARABLE, f"{text}: fewer than 2 paired seeds")
     side, other = ("below", "above") if negative else ("above", "below")
-    if (d.high < 0) if negative else (d.low > 0):
+    low, high = (-d.high, -d.low) if negative else (d.low, d.high)  # the interval, the claimed side positive
+    if low > 0:
         return Verdict(claim, REPRODUCED, f"{text}: the {CONFIDENCE:.0%} interval lies {side} 0")
-    if (d.low > 0) if negative else (d.high < 0):
+    if high < 0:
         return Verdict(claim, NOT_REPRODUCED, f"{text}: the {CONFIDENCE:.0%} interval lies {other} 0 (the opposite)")
     return Verdict(claim, NOT_REPRODUCED, f"{text}: the {CONFIDENCE:.0%} interval spans 0 (no evidence either way "
                                           "at this size)")

@@ -503,18 +503,20 @@ def _better(value, best, higher) -> bool:
 def _outside_head(model: nn.Module, variant: Variant) -> list[nn.Parameter] | None:
     """The trainable parameters outside the task head (the adapter; full FT: the body), or None when that
     is every trainable parameter or none of them (then ``grad_norm`` says it all)."""
+    from variants.base import trainable
     from variants.targets import head_module_names
 
     heads = head_module_names(model, variant.cfg.heads)
-    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    rest = [p for n, p in trainable if not any(n.startswith(h + ".") for h in heads)]
-    return rest if 0 < len(rest) < len(trainable) else None
+    named = list(trainable(model))
+    rest = [p for n, p in named if not any(n.startswith(h + ".") for h in heads)]
+    return rest if 0 < len(rest) < len(named) else None
 
 
 def _grad_norms(params, adapter, max_norm: float, like: torch.Tensor) -> torch.Tensor:
     """[total gradient norm before clipping, the same over ``adapter``] (NaN where not computed), clipping
-    the gradients to ``max_norm`` as ``clip_grad_norm_`` does. Without clipping nothing is computed: the
-    norms cost no extra pass only because clipping needs the total anyway."""
+    the gradients to ``max_norm`` as ``clip_grad_norm_`` does. Without clipping nothing is computed. The
+    total is clipping's own; the adapter's is one more reduction over its gradients (for full FT nearly all
+    of them, a read of every gradient)."""
     if max_norm <= 0:
         return like.new_full((2,), math.nan)
     grads = [p.grad for p in params if p.grad is not None]

@@ -329,7 +329,7 @@ class GaLore(Variant):
     def summary(self, model: nn.Module) -> dict:
         """The projected weights' shapes (out, in) and the rank: what GaLore Table 1's memory counts need."""
         return {"rank": self.cfg.rank,
-                "projected": {n: list(w.shape) for n, w in self._targeted_weights(model).items()}}
+                "projected": {n: list(model.get_submodule(n).weight.shape) for n in self.target_modules}}
 
     def check_optim(self, grad_clip: float, grad_accum: int) -> None:
         if self.cfg.layerwise and (grad_clip > 0 or grad_accum > 1):
