@@ -639,6 +639,14 @@ def loraplus_ratio(runs: Runs, out: Path) -> Report:
     rep.sections.append("## Numbers\n\n" + setting_table(ch, lambda s: f"λ={s[ratio]:g}", lambda s: "–", ACC))
     rep.plots.append(line_plot(ch.assign(series="LoRA+"), ratio, "series", out / "ratio.png", "λ = η_B / η_A",
                                "LoRA+: test accuracy vs the lr ratio"))
+    grid = aggregate.summarize(df, ACC).pivot_table(index=ratio, columns="lr", values="val_mean")
+    lines = ["| λ | " + " | ".join(f"lr {lr:g}" for lr in grid.columns) + " | B's lr at the best |",
+             "|---:|" + "---:|" * (len(grid.columns) + 1)]
+    for lam, vals in grid.iterrows():
+        lines.append(f"| {lam:g} | " + " | ".join("–" if math.isnan(v) else f"{v * 100:.1f}" for v in vals)
+                     + f" | {lam * vals.idxmax():g} |")
+    rep.sections.append("## Validation accuracy per λ and lr (A's; mean of 3 seeds)\n\n" + "\n".join(lines)
+                        + "\n\nThe last column is λ × the val-best lr: the lr B trains at in each λ's best run.")
     best = ch.loc[ch["val_mean"].idxmax()]
     one = row(ch, **{ratio: 1.0})
     rep.verdicts.append(Verdict("the best λ on validation is above 1",
