@@ -700,8 +700,8 @@ def rslora(runs: Runs, out: Path) -> Report:
         g = g[g["lr"] == lr]
         for rank, gr in sorted(g.groupby("rank")):
             loss, norm, acc = (values_diff(gr[c]) for c in ("train_loss", "grad_norm", f"test_{ACC}"))
-            lines.append(f"| {scaling} ({lr:g}) | {int(rank)} | {loss.text(1, '')} | {norm.text(1, '')} | "
-                         f"{acc.text(100)} |")
+            lines.append(f"| {scaling} ({lr:g}) | {int(rank)} | {loss.text(1, '', signed=False)} | "
+                         f"{norm.text(1, '', signed=False)} | {acc.text(100, signed=False)} |")
         ranks = sorted(g["rank"].unique())
         for ax, column in zip(axes, ("train_loss", "grad_norm"), strict=True):
             ax.plot(ranks, [g[g["rank"] == r][column].mean() for r in ranks], marker="o",
