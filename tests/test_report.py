@@ -342,3 +342,23 @@ def test_lr_fairness_flips_within_the_seed_noise_are_not_clear(tmp_path):
     report.make("paper/lr_fairness", tmp_path / "out", results_dir=tmp_path / "runs_here")
     got = _verdicts(tmp_path / "out", "paper/lr_fairness")["a shared lr changes the ranking of the methods"]
     assert got["label"] == NOT_REPRODUCED and "1 of 1 pairs flip" in got["reason"] and "0 clearly" in got["reason"], got
+
+
+def test_loraplus_report_finds_the_b_lr_ridge(tmp_path):
+    """Accuracy a function of B's lr alone (λ × lr, best at 1e-2) plus a bonus for λ = 4: the grid names B's lr
+    at each λ's best run (λ=1: its highest lr, 1e-2), the best λ is 4, and LoRA+ − LoRA is reproduced."""
+    import math
+
+    _, jobs = report.sweep("paper/loraplus_ratio")
+    for j in jobs:
+        lam, lr, seed = j.config["variant"]["ratio"], j.config["optim"]["lr"], j.config["seed"]
+        a = 0.8 - 0.05 * abs(math.log10(lam * lr / 1e-2)) + (0.02 if lam == 4 else 0.0) + 0.001 * seed
+        _fake(j, a, a, tmp_path / "runs")
+    text = report.make("paper/loraplus_ratio", tmp_path / "out", results_dir=tmp_path / "runs").read_text()
+    got = _verdicts(tmp_path / "out", "paper/loraplus_ratio")
+    assert got["the best λ on validation is above 1"]["label"] == REPRODUCED
+    assert "best λ = 4" in got["the best λ on validation is above 1"]["reason"]
+    assert got["LoRA+ (λ=4) beats LoRA (λ=1), each at its tuned lr"]["label"] == REPRODUCED
+    rows = {line.split(" | ")[0]: line.split(" | ")[-1] for line in text.splitlines() if line.startswith("| 1 |")
+            or line.startswith("| 4 |")}
+    assert rows["| 1"] == "0.01 |" and rows["| 4"] == "0.012 |", rows  # λ=1 at lr 1e-2; λ=4 at 3e-3 (B: 1.2e-2)
