@@ -362,3 +362,20 @@ def test_loraplus_report_finds_the_b_lr_ridge(tmp_path):
     rows = {line.split(" | ")[0]: line.split(" | ")[-1] for line in text.splitlines() if line.startswith("| 1 |")
             or line.startswith("| 4 |")}
     assert rows["| 1"] == "0.01 |" and rows["| 4"] == "0.012 |", rows  # λ=1 at lr 1e-2; λ=4 at 3e-3 (B: 1.2e-2)
+
+
+def test_galore_memory_peak_that_cannot_see_state_is_not_comparable(tmp_path):
+    """When full FT's peak sits no higher than LoRA's although it holds 1.5 GB more gradients and state, the
+    peak is set by something else: the layer-wise claim is 'not comparable', not a verdict on noise."""
+    _, jobs = report.sweep("paper/galore_memory")
+    for j in jobs:
+        v = j.config["variant"]
+        full = v["name"] == "full"
+        _fake(j, 20.0, 20.0, tmp_path / "runs", metric="perplexity",
+              cost={"trainable_params": 1_000, "gradient_bytes": 5e8 if full else 4e7,
+                    "optimizer_state_bytes": 1e9 if full else 8e7,
+                    "peak_memory_bytes": 3.4e9 + 1e7 * j.config["seed"] - (5e8 if v.get("layerwise") else 0)})
+    report.make("paper/galore_memory", tmp_path / "out", results_dir=tmp_path / "runs")
+    got = _verdicts(tmp_path / "out", "paper/galore_memory")
+    layerwise = got["the layer-wise update lowers the training peak (gradients never all exist)"]
+    assert layerwise["label"] == NOT_COMPARABLE and "do not resolve it" in layerwise["reason"], layerwise
