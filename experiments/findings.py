@@ -659,14 +659,7 @@ def loraplus_ratio(runs: Runs, out: Path) -> Report:
     rep.sections.append("## Numbers\n\n" + setting_table(ch, lambda s: f"λ={s[ratio]:g}", lambda s: "–", ACC))
     rep.plots.append(line_plot(ch.assign(series="LoRA+"), ratio, "series", out / "ratio.png", "λ = η_B / η_A",
                                "LoRA+: test accuracy vs the lr ratio"))
-    grid = summary.pivot_table(index=ratio, columns="lr", values="val_mean")
-    lines = ["| λ | " + " | ".join(f"lr {lr:g}" for lr in grid.columns) + " | B's lr at the best |",
-             "|---:|" + "---:|" * (len(grid.columns) + 1)]
-    for lam, vals in grid.iterrows():
-        lines.append(f"| {lam:g} | " + " | ".join("–" if math.isnan(v) else f"{v * 100:.1f}" for v in vals)
-                     + f" | {lam * vals.idxmax():g} |")
-    rep.sections.append("## Validation accuracy per λ and lr (A's; mean over seeds)\n\n" + "\n".join(lines)
-                        + "\n\nThe last column is λ × the val-best lr: the lr B trains at in each λ's best run.")
+    rep.sections.append(_ratio_grid(runs, summary, ratio))
     best = ch.loc[ch["val_mean"].idxmax()]
     one = row(ch, **{ratio: 1.0})
     rep.verdicts.append(Verdict("the best λ on validation is above 1",
@@ -681,10 +674,59 @@ def loraplus_ratio(runs: Runs, out: Path) -> Report:
     return rep
 
 
+def _ratio_grid(runs: Runs, summary: pd.DataFrame, ratio: str) -> str:
+    """The λ × lr validation grid, B's lr at each λ's best, and the cells with seeds at the trivial baseline:
+    their training loss beside the majority-class entropy says whether they never left it or diverged to it."""
+    grid = summary.pivot_table(index=ratio, columns="lr", values="val_mean")
+    k = summary.pivot_table(index=ratio, columns="lr", values="n_trivial")
+    n = summary.pivot_table(index=ratio, columns="lr", values="n")
+
+    def cell(lam, lr, v):
+        t = k.at[lam, lr] if lam in k.index and lr in k.columns else math.nan
+        mark = "" if math.isnan(t) or not t else " †" if t == n.at[lam, lr] else f" ({t:.0f}/{n.at[lam, lr]:.0f} †)"
+        return "–" if math.isnan(v) else f"{v * 100:.1f}{mark}"
+
+    lines = ["| λ | " + " | ".join(f"lr {lr:g}" for lr in grid.columns) + " | B's lr at the best |",
+             "|---:|" + "---:|" * (len(grid.columns) + 1)]
+    for lam, vals in grid.iterrows():
+        lines.append(f"| {lam:g} | " + " | ".join(cell(lam, lr, v) for lr, v in vals.items())
+                     + f" | {lam * vals.idxmax():g} |")
+    text = ("## Validation accuracy per λ and lr (A's; mean over seeds)\n\n" + "\n".join(lines)
+            + "\n\nThe last column is λ × the val-best lr: the lr B trains at in each λ's best run.")
+    marked = summary[summary["n_trivial"] > 0]
+    if marked.empty:
+        return text
+    p = float(marked["trivial"].median())
+    entropy = -(p * math.log(p) + (1 - p) * math.log(1 - p))
+    df = runs.ok
+    rows = ["| λ | lr (A) | B's lr | seeds at trivial | train loss: highest | last 20 steps |",
+            "|---:|---:|---:|---:|---:|---:|"]
+    best = summary.loc[summary["val_mean"].idxmax()]
+    for label, (_, s) in [*(("", x) for x in marked.sort_values(["lr", ratio]).iterrows()),
+                          (" (val-best, for comparison)", (None, best))]:
+        g = df[(df[ratio] == s[ratio]) & (df["lr"] == s["lr"])]
+        peak = np.mean([max(_history(runs.records[r], "loss"), default=math.nan) for r in g["run_id"]])
+        last = np.mean([_history_mean(runs.records[r], "loss", 20) for r in g["run_id"]])
+        rows.append(f"| {s[ratio]:g}{label} | {s['lr']:g} | {s[ratio] * s['lr']:g} | {s['n_trivial']:.0f}/{s['n']} "
+                    f"| {peak:.2f} | {last:.2f} |")
+    name = marked["trivial_name"].dropna().iloc[0] if marked["trivial_name"].notna().any() else "unnamed"
+    return (text + f"\n\n† every seed, (k/n †) k of n seeds no better on test than the trivial baseline ({name}, "
+            f"{p * 100:.1f} %): they did not learn. Below, their training loss (means over seeds) beside the "
+            f"entropy of predicting the class prior, {entropy:.3f} nats: a run that ends there predicts the prior. "
+            "A highest loss near the first step's means the run hardly moved (too low an lr for the steps); one "
+            "that rose as far as the val-best cell's or further, then settled at the prior rather than below it, "
+            "took steps too large to keep what it learned.\n\n" + "\n".join(rows))
+
+
+def _history(rec: dict, key: str) -> list[float]:
+    """The record's history values of ``key`` (the entries that have it), in step order."""
+    return [h[key] for h in rec.get("history") or [] if h.get(key) is not None]
+
+
 def _history_mean(rec: dict, key: str, last: int | None = None) -> float:
     """The mean of ``key`` over the record's history entries that have it (the ``last`` ones only when
     given); NaN for a record without it (e.g. an adapter gradient norm from before it was logged)."""
-    values = [h[key] for h in rec.get("history") or [] if h.get(key) is not None]
+    values = _history(rec, key)
     return float(np.mean(values[-last:] if last else values)) if values else math.nan
 
 

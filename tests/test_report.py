@@ -364,6 +364,33 @@ def test_loraplus_report_finds_the_b_lr_ridge(tmp_path):
     assert rows["| 1"] == "0.01 |" and rows["| 4"] == "0.012 |", rows  # λ=1 at lr 1e-2; λ=4 at 3e-3 (B: 1.2e-2)
 
 
+def test_loraplus_grid_marks_cells_at_the_trivial_baseline(tmp_path):
+    """Runs whose B lr (λ × lr) reaches 4e-2 score the majority class after a loss spike: their grid cells carry
+    †, one seed of another cell gives (1/3 †), and the table under the grid gives their loss beside the prior's
+    entropy, with the val-best cell for comparison. Unmarked cells stay plain numbers."""
+    import math
+
+    majority = {"name": "majority class (label 1)", "test": {"accuracy": 0.6}}
+    _, jobs = report.sweep("paper/loraplus_ratio")
+    for j in jobs:
+        lam, lr, seed = j.config["variant"]["ratio"], j.config["optim"]["lr"], j.config["seed"]
+        dead = lam * lr >= 4e-2 or (lam == 1 and lr == 1e-4 and seed == 0)
+        a = 0.6 if dead else 0.8 - 0.05 * abs(math.log10(lam * lr / 1e-2)) + 0.001 * seed
+        loss = [0.7, 2.0 if lam * lr >= 4e-2 else 0.9] + [0.673 if dead else 0.5] * 20
+        _fake(j, a, a, tmp_path / "runs", trivial=majority, history=[{"step": i, "loss": v} for i, v in
+                                                                      enumerate(loss)])
+    text = report.make("paper/loraplus_ratio", tmp_path / "out", results_dir=tmp_path / "runs").read_text()
+    grid = {}
+    for line in text.split("B's lr at the best |", 1)[1].splitlines():  # the grid's rows come first
+        if line.startswith(("| 1 |", "| 8 |")):
+            grid.setdefault(line.split(" | ")[0], line.split(" | ")[1:-1])
+    assert grid["| 8"][-1] == "60.0 †" and "†" not in grid["| 8"][-2], grid  # lr 1e-2, 3e-3 (B: 8e-2, 2.4e-2)
+    assert grid["| 1"][0].endswith("(1/3 †)") and "†" not in grid["| 1"][-1], grid
+    assert "0.673 nats" in text, text  # -(0.6 ln 0.6 + 0.4 ln 0.4)
+    assert "| 8 | 0.01 | 0.08 | 3/3 | 2.00 | 0.67 |" in text
+    assert "(val-best, for comparison) |" in text and "| 0/3 | 0.90 | 0.50 |" in text
+
+
 def test_galore_memory_peak_that_cannot_see_state_is_not_comparable(tmp_path):
     """When full FT's peak sits no higher than LoRA's although it holds 1.5 GB more gradients and state, the
     peak is set by something else: the layer-wise claim is 'not comparable', not a verdict on noise."""
