@@ -50,6 +50,7 @@ COSTS: tuple[Cost, ...] = (
     Cost("gradient_bytes", "gradients (bytes)", "bytes", "trainer"),
     Cost("peak_memory_bytes", "training peak memory (bytes)", "bytes", "trainer", column="train peak MiB",
          pareto=True),
+    Cost("tensor_peak_bytes", "training peak of the profiled step's tensors (bytes)", "bytes", "trainer"),
     Cost("eval_peak_memory_bytes", "evaluation peak memory (bytes)", "bytes", "trainer"),
     Cost("train_time_s", "training time (s)", "s", "trainer"),
     Cost("step_time_ms", "step time (ms)", "ms", "trainer", column="ms/step", pareto=True),

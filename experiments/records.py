@@ -27,6 +27,7 @@ NON_SEMANTIC = ("results_dir", "cache_dir", "assets_dir", "logger", "force", "sa
                 "threads_per_job", "checkpoint_every", "task.cache_dir", "task.assets_dir",
                 "eval_merged", "compile",  # merged weights, compiled kernels: the same math, float rounding aside
                 "snapshot_steps", "snapshot_targets",  # weights saved on the way: the run is unchanged
+                "profile_memory",  # one step measured by the memory profiler: the same step, only watched
                 "model.gradient_checkpointing")  # recomputes activations: same result, less memory
 
 

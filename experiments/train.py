@@ -111,6 +111,10 @@ def _top_level(cfg: dict) -> None:
     every = cfg.get("checkpoint_every", 0)
     if not (isinstance(every, int) and not isinstance(every, bool) and every >= 0):
         raise ConfigError(f"invalid option checkpoint_every={every!r}: expected an integer >= 0 (0: no checkpoints)")
+    step = cfg.get("profile_memory", 0)
+    if not (isinstance(step, int) and not isinstance(step, bool) and step >= 0):
+        raise ConfigError(f"invalid option profile_memory={step!r}: expected an integer >= 0 (the step to profile; "
+                          "0: none)")
     steps = cfg.get("snapshot_steps") or []
     if not (isinstance(steps, list) and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in steps)):
         raise ConfigError(f"invalid option snapshot_steps={steps!r}: expected a list of integers >= 0 (the steps "
@@ -186,6 +190,8 @@ def build(cfg: dict, variant: variants.Variant | None = None) -> tuple[tasks.Tas
     if late:
         raise ConfigError(f"invalid option snapshot_steps={cfg['snapshot_steps']}: step {late[0]} is beyond the "
                           f"run's {steps} steps")
+    if cfg.get("profile_memory", 0) > steps:
+        raise ConfigError(f"invalid option profile_memory={cfg['profile_memory']}: step beyond the run's {steps} steps")
     reseed(seed, "adapter")
     model = variant.apply(task.model)
     if cfg.get("snapshot_steps"):
@@ -311,7 +317,7 @@ def _train(cfg, task, variant, model, record, wb) -> None:
         result = fit(model, variant, task, _optim(cfg), seed=cfg["seed"], device=record["env"]["device"],
                      bf16=cfg.get("bf16", False), progress=cfg.get("progress"), log=wb.log, checkpoint=checkpoint,
                      eval_merged=cfg.get("eval_merged", False), compile=cfg.get("compile", False),
-                     snapshots=snapshots)
+                     snapshots=snapshots, profile_memory=cfg.get("profile_memory", 0))
         if snapshots is not None:
             record["snapshot_dir"] = str(snapshots.directory)
         record.update(result, status="ok")

@@ -7,12 +7,16 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import random
+import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -251,10 +255,45 @@ class PeakMemory:
             reset_peak_memory(self.device)
 
 
+# torch.profiler's memory categories, in the column order of its exported timeline (after a leading 0)
+PROFILE_CATEGORIES = ("parameter", "optimizer_state", "input", "temporary", "activation", "gradient",
+                      "autograd_detail", "unknown")
+
+
+class TensorMemoryProfile:
+    """One training step under torch.profiler's memory profiler (started on construction, read by ``stop``):
+    the peak of the bytes held by the tensors the step touches — parameters, optimizer state, gradients,
+    activations... — and what they are at that peak. It counts tensors, not what the allocator keeps, so on
+    CPU it sees what a resident-set peak cannot (freed heap that the C allocator holds on to)."""
+
+    def __init__(self, device: torch.device):
+        self.device = torch.device(device.type, torch.cuda.current_device() if device.type == "cuda"
+                                   and device.index is None else device.index)
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        self.prof = profile(activities=activities, profile_memory=True, record_shapes=True, with_stack=True)
+        self.prof.start()
+
+    def stop(self) -> dict:
+        """{"peak_bytes", "at_peak": {category: bytes}, "max": {category: the most it held during the step}}."""
+        self.prof.stop()
+        with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # the export is deprecated for CUDA's snapshots
+            path = Path(tmp) / "timeline.json"
+            self.prof.export_memory_timeline(str(path), device=str(self.device))
+            _, sizes = json.loads(path.read_text())
+        columns = [row[1:] for row in sizes] or [[0] * len(PROFILE_CATEGORIES)]
+        peak = max(columns, key=sum)
+        return {"peak_bytes": int(sum(peak)), "at_peak": dict(zip(PROFILE_CATEGORIES, map(int, peak), strict=True)),
+                "max": {c: int(max(col[i] for col in columns)) for i, c in enumerate(PROFILE_CATEGORIES)}}
+
+
 def fit(model: nn.Module, variant: Variant, data: Task, cfg: OptimConfig, *, seed: int = 0,
         device: str | torch.device = "auto", bf16: bool = False, progress: bool | None = None,
         log: Callable[[dict, int], None] | None = None, checkpoint: Checkpoint | None = None,
-        eval_merged: bool = False, compile: bool = False, snapshots: Snapshots | None = None) -> dict:
+        eval_merged: bool = False, compile: bool = False, snapshots: Snapshots | None = None,
+        profile_memory: int = 0) -> dict:
     """Train ``model`` (already adapted by ``variant``) on the task ``data`` (its splits, loss and metrics)
     and evaluate it. Returns metrics, history, cost (and ``resumed_from``, the step a checkpoint gave).
 
@@ -264,6 +303,10 @@ def fit(model: nn.Module, variant: Variant, data: Task, cfg: OptimConfig, *, see
     (``Variant.merged_for_eval``; the weights are restored exactly after each evaluation).
 
     ``snapshots``: save the snapshotted modules' weights at its steps (step 0: before the first update).
+
+    ``profile_memory``: run this step (1-based; 0: none) under the memory profiler and return what its tensors
+    hold at their peak (``TensorMemoryProfile``) as ``memory_profile``. The step is its own memory window and
+    is left out of the step times (the profiler slows it); the training time includes it.
 
     With ``checkpoint``, training resumes from its state when there is one, saves it every
     ``checkpoint.every`` steps, and saves it before stopping on SIGINT/SIGTERM (``resume.Interrupted``)."""
@@ -300,6 +343,8 @@ def fit(model: nn.Module, variant: Variant, data: Task, cfg: OptimConfig, *, see
         return {k: float(v) for k, v in metrics.items()}
 
     steps = total_steps(cfg, len(data.train))
+    if not 0 <= profile_memory <= steps:
+        raise ValueError(f"profile_memory={profile_memory}: expected a step of this run (1 to {steps}) or 0")
     variant.check_optim(cfg.grad_clip, cfg.grad_accum)
     opt = variant.optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.betas),
                             eps=cfg.eps)
@@ -308,6 +353,7 @@ def fit(model: nn.Module, variant: Variant, data: Task, cfg: OptimConfig, *, see
     adapter = _outside_head(model, variant)  # the adapter's own gradient norm (rsLoRA Fig. 2), head apart
     history, best, best_state = [], None, None
     step_times: list[float] = []
+    memory_profile = None
     gradient_bytes = 0
     batches = _Batches(train_loader, gen)
     start, train_time_before = 0, 0.0
@@ -318,7 +364,7 @@ def fit(model: nn.Module, variant: Variant, data: Task, cfg: OptimConfig, *, see
                 "variant": variant.state_dict(), "batches": batches.state(), "rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else [],
                 "history": history, "step_times": step_times, "best": best, "best_state": best_state,
-                "gradient_bytes": gradient_bytes, "peaks": memory.peaks,
+                "gradient_bytes": gradient_bytes, "peaks": memory.peaks, "memory_profile": memory_profile,
                 "train_time": train_time_before + time.perf_counter() - t_start}
 
     saved = checkpoint.load() if checkpoint is not None else None
@@ -335,6 +381,7 @@ def fit(model: nn.Module, variant: Variant, data: Task, cfg: OptimConfig, *, see
         history, step_times = saved["history"], saved["step_times"]
         best, best_state = saved["best"], saved["best_state"]
         gradient_bytes, memory.peaks, train_time_before = saved["gradient_bytes"], saved["peaks"], saved["train_time"]
+        memory_profile = saved.get("memory_profile")  # a checkpoint from before profiling existed has none
         print(f"[lorabench] resuming from step {start} of {steps} ({checkpoint.path})")
     show = _show_progress() if progress is None else progress
     bar = _progress(steps, show)
@@ -355,7 +402,7 @@ def fit(model: nn.Module, variant: Variant, data: Task, cfg: OptimConfig, *, see
     # nothing; every log_every steps on CUDA, so the GPU never waits for Python between steps
     sync_every = cfg.log_every if device.type == "cuda" else SYNC_EVERY_CPU
     # history entries waiting for values: (entry, [task, extra] per micro-batch + the two gradient norms, timer)
-    pending: list[tuple[dict, torch.Tensor, Callable[[], float]]] = []
+    pending: list[tuple[dict, torch.Tensor, Callable[[], float] | None]] = []  # None: an untimed step
 
     def flush() -> None:
         """Read the pending steps' losses and gradient norms (one sync), stop at the first non-finite loss,
@@ -376,17 +423,22 @@ def fit(model: nn.Module, variant: Variant, data: Task, cfg: OptimConfig, *, see
                 entry["grad_norm"] = norm  # the total gradient norm before clipping
             if math.isfinite(adapter_norm):
                 entry["adapter_grad_norm"] = adapter_norm
-            step_times.append(elapsed())
+            if elapsed is not None:
+                step_times.append(elapsed())
             lr = entry.pop("_lr")
             if entry["step"] % cfg.log_every == 0 or entry["step"] == steps:
                 log({"train/loss": task, "train/lr": lr, **({"train/extra_loss": extra} if extra else {}),
                      **{f"train/{k}": entry[k] for k in ("grad_norm", "adapter_grad_norm") if k in entry}},
                     entry["step"])
-        bar.set_postfix(loss=f"{task:.4f}", it_s=f"{1 / max(step_times[-1], 1e-9):.2f}")
+        bar.set_postfix(loss=f"{task:.4f}", it_s=f"{1 / max(step_times[-1], 1e-9):.2f}" if step_times else "–")
         pending.clear()
 
     for step in range(start, steps):
         with deferred():  # a signal now waits for the end of this step
+            profiler = None
+            if step + 1 == profile_memory:  # its own memory window: the profiler's buffers are no training cost
+                memory.switch("profile")
+                profiler = TensorMemoryProfile(device)
             t0, timer = time.perf_counter(), _StepTimer(device)
             micro = []
             for _ in range(cfg.grad_accum):
@@ -407,9 +459,14 @@ def fit(model: nn.Module, variant: Variant, data: Task, cfg: OptimConfig, *, see
             sched.step()
             variant.after_step(model, step, steps)  # gradients are still present here (AdaLoRA needs them)
             opt.zero_grad(set_to_none=True)
+            elapsed = timer.stop(t0)
+            if profiler is not None:
+                memory_profile = {"step": step + 1, **profiler.stop()}
+                memory.switch("train")
+                elapsed = None  # a profiled step's time is the profiler's
             entry = {"step": step + 1, "loss": None, "_lr": opt.param_groups[0]["lr"]}
             history.append(entry)
-            pending.append((entry, torch.cat([torch.stack(micro).flatten(), norm]), timer.stop(t0)))
+            pending.append((entry, torch.cat([torch.stack(micro).flatten(), norm]), elapsed))
             bar.update(1)
             snapshot_weights(step + 1)
             evaluating = cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < steps
@@ -452,10 +509,14 @@ def fit(model: nn.Module, variant: Variant, data: Task, cfg: OptimConfig, *, see
     warm = step_times[1:] or step_times  # the first step pays one-off allocation costs
     cost.update(gradient_bytes=gradient_bytes, peak_memory_bytes=memory.peaks["train"],
                 eval_peak_memory_bytes=memory.peaks.get("eval"), train_time_s=train_time,
-                step_time_ms=1000 * float(np.mean(warm)), step_time_median_ms=1000 * float(np.median(warm)),
+                step_time_ms=1000 * float(np.mean(warm)) if warm else math.nan,
+                step_time_median_ms=1000 * float(np.median(warm)) if warm else math.nan,
                 steps=steps)
+    if memory_profile is not None:
+        cost["tensor_peak_bytes"] = memory_profile["peak_bytes"]
     return {"metrics": {"val": val, "test": test}, "history": _compact(history), "cost": cost,
-            "resumed_from": start or None, "eval_merged": bool(evaluated_merged) and all(evaluated_merged)}
+            "resumed_from": start or None, "eval_merged": bool(evaluated_merged) and all(evaluated_merged),
+            **({"memory_profile": memory_profile} if memory_profile is not None else {})}
 
 
 @torch.no_grad()

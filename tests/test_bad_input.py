@@ -37,6 +37,8 @@ CASES = [  # (arguments, a fragment of the one line)
     (["checkpoint_every=-1"], "checkpoint_every=-1"), (["checkpoint_every=abc"], "checkpoint_every='abc'"),
     (["snapshot_steps=[-1]"], "snapshot_steps=[-1]"), (["snapshot_steps=abc"], "snapshot_steps='abc'"),
     (["snapshot_steps=[100000]"], "step 100000 is beyond"),
+    (["profile_memory=-1"], "profile_memory=-1"), (["profile_memory=true"], "profile_memory=True"),
+    (["profile_memory=100000"], "profile_memory=100000: step beyond"),
     (["snapshot_steps=[1]", "snapshot_targets=nope"], "snapshot_targets='nope'"),
     (["model.quantize=nf4"], "model.quantize=nf4: task 'synthetic'"), (["model.quantize=nope"], "model.quantize"),
     # variant
