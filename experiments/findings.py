@@ -532,6 +532,20 @@ def galore_rank(runs: Runs, out: Path) -> Report:
     lo, hi = row(ch, rank=ch["rank"].min()), row(ch, rank=ch["rank"].max())
     rep.verdicts.append(sign_verdict(f"r={int(hi['rank'])} beats r={int(lo['rank'])}",
                                      acc_diff(df, hi, lo), "largest − smallest rank"))
+    ranks = sorted(ch["rank"].astype(int))
+    mid = row(ch, rank=ranks[len(ranks) // 2])
+    if len(ranks) >= 3:  # Fig. 5: the curve flattens; per seed, the lower half's gain minus the upper half's
+        a = {r: seeds_of(df, x, f"test_{ACC}") for r, x in ((lo["rank"], lo), (mid["rank"], mid), (hi["rank"], hi))}
+        common = sorted(set.intersection(*(set(v) for v in a.values())))
+        r0, r1, r2 = (int(x["rank"]) for x in (lo, mid, hi))
+        rep.verdicts.append(sign_verdict(
+            f"the gains shrink: r={r0}→{r1} gains more than r={r1}→{r2}",
+            values_diff([(a[r1][s] - a[r0][s]) - (a[r2][s] - a[r1][s]) for s in common]),
+            f"(r{r1} − r{r0}) − (r{r2} − r{r1}), paired by seed"))
+    four, eight = row(ch, rank=4), row(ch, rank=8)
+    if four is not None and eight is not None:
+        rep.verdicts.append(equivalence_verdict("r=4 and r=8 are equivalent (Table 4: within 0.1 on the GLUE average)",
+                                                acc_diff(df, eight, four), 0.01, "r8 − r4"))
     return rep
 
 

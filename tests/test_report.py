@@ -202,6 +202,27 @@ def test_reports_of_accuracy_findings_render_with_a_verdict_per_claim(name, tmp_
     assert f"{len(jobs)} of {len(jobs)} ok" in path.read_text()
 
 
+def test_galore_rank_report_tells_a_flattening_curve_from_a_straight_one(tmp_path):
+    """Accuracy rising 3 points per rank doubling up to r=4 and flat after (the paper's shape): the gains shrink
+    (r2→8: +3, r8→32: 0) and r=4 ≈ r=8. A straight line in log r (3 points per doubling): the gains do not
+    shrink and r=8 sits 3 points above r=4, outside the ±1 point margin."""
+    import math
+
+    _, jobs = report.sweep("paper/galore_rank")
+    shapes = {"flat_from_4": lambda r: min(math.log2(r), 2), "straight": lambda r: math.log2(r)}
+    for name, shape in shapes.items():
+        for j in jobs:
+            r, lr, seed = j.config["variant"]["rank"], j.config["optim"]["lr"], j.config["seed"]
+            a = 0.70 + 0.03 * shape(r) - 0.02 * abs(math.log10(lr / 3e-4)) + 0.002 * seed * (r % 3)
+            _fake(j, a, a, tmp_path / name)
+        report.make("paper/galore_rank", tmp_path / f"out_{name}", results_dir=tmp_path / name)
+    flat, straight = (_verdicts(tmp_path / f"out_{n}", "paper/galore_rank") for n in shapes)
+    shrink = "the gains shrink: r=2→8 gains more than r=8→32"
+    same = "r=4 and r=8 are equivalent (Table 4: within 0.1 on the GLUE average)"
+    assert flat[shrink]["label"] == REPRODUCED and flat[same]["label"] == REPRODUCED, (flat[shrink], flat[same])
+    assert straight[shrink]["label"] == NOT_REPRODUCED and straight[same]["label"] == NOT_REPRODUCED
+
+
 def test_adalora_ranks_report_on_constructed_rank_patterns(tmp_path):
     """Kept ranks that grow with the layer and favour the two FFN matrices: both claims reproduced; the mirror
     image (ranks falling with the layer, FFN starved): both not reproduced."""
