@@ -572,6 +572,12 @@ def galore_update_freq(runs: Runs, out: Path) -> Report:
     if len(rep.verdicts) < 2:
         rep.verdicts.append(Verdict("an intermediate T is best", NOT_REPRODUCED,
                                     f"the best T on validation is an extreme of the grid (T={int(best[gap])})"))
+    wide = ch[ch[gap] >= 50].sort_values(gap)  # the paper's flat range starts at T = 50
+    if len(wide) >= 2:
+        a, b = wide.iloc[0], wide.iloc[-1]
+        rep.verdicts.append(equivalence_verdict(
+            f"T={int(a[gap])} and T={int(b[gap])} are equivalent (Fig. 5: little difference from 50 to 1000)",
+            acc_diff(df, b, a), 0.01, f"T={int(b[gap])} − T={int(a[gap])}"))
     return rep
 
 

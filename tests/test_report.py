@@ -223,6 +223,23 @@ def test_galore_rank_report_tells_a_flattening_curve_from_a_straight_one(tmp_pat
     assert straight[shrink]["label"] == NOT_REPRODUCED and straight[same]["label"] == NOT_REPRODUCED
 
 
+def test_galore_update_freq_report_checks_the_flat_range_from_t50(tmp_path):
+    """T = 50 and 100 within 0.2 points (the paper's flat range): equivalent; 3 points apart: not shown."""
+    import math
+
+    _, jobs = report.sweep("paper/galore_update_freq")
+    for gap100, name in ((0.750, "flat"), (0.722, "falls")):
+        for j in jobs:
+            t, lr, seed = j.config["variant"]["update_proj_gap"], j.config["optim"]["lr"], j.config["seed"]
+            base = {2: 0.72, 10: 0.73, 50: 0.752, 100: gap100}[t]
+            a = base - 0.02 * abs(math.log10(lr / 3e-4)) + 0.001 * seed * (t % 7)
+            _fake(j, a, a, tmp_path / name)
+        report.make("paper/galore_update_freq", tmp_path / f"out_{name}", results_dir=tmp_path / name)
+    claim = "T=50 and T=100 are equivalent (Fig. 5: little difference from 50 to 1000)"
+    assert _verdicts(tmp_path / "out_flat", "paper/galore_update_freq")[claim]["label"] == REPRODUCED
+    assert _verdicts(tmp_path / "out_falls", "paper/galore_update_freq")[claim]["label"] == NOT_REPRODUCED
+
+
 def test_adalora_ranks_report_on_constructed_rank_patterns(tmp_path):
     """Kept ranks that grow with the layer and favour the two FFN matrices: both claims reproduced; the mirror
     image (ranks falling with the layer, FFN starved): both not reproduced."""
