@@ -512,8 +512,7 @@ def fit(model: nn.Module, variant: Variant, data: Task, cfg: OptimConfig, *, see
                 step_time_ms=1000 * float(np.mean(warm)) if warm else math.nan,
                 step_time_median_ms=1000 * float(np.median(warm)) if warm else math.nan,
                 steps=steps)
-    if memory_profile is not None:
-        cost["tensor_peak_bytes"] = memory_profile["peak_bytes"]
+    cost["tensor_peak_bytes"] = memory_profile["peak_bytes"] if memory_profile is not None else None
     return {"metrics": {"val": val, "test": test}, "history": _compact(history), "cost": cost,
             "resumed_from": start or None, "eval_merged": bool(evaluated_merged) and all(evaluated_merged),
             **({"memory_profile": memory_profile} if memory_profile is not None else {})}
