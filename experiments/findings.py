@@ -533,14 +533,12 @@ def galore_rank(runs: Runs, out: Path) -> Report:
     rep.verdicts.append(sign_verdict(f"r={int(hi['rank'])} beats r={int(lo['rank'])}",
                                      acc_diff(df, hi, lo), "largest − smallest rank"))
     ranks = sorted(ch["rank"].astype(int))
-    mid = row(ch, rank=ranks[len(ranks) // 2])
     if len(ranks) >= 3:  # Fig. 5: the curve flattens; per seed, the lower half's gain minus the upper half's
-        a = {r: seeds_of(df, x, f"test_{ACC}") for r, x in ((lo["rank"], lo), (mid["rank"], mid), (hi["rank"], hi))}
-        common = sorted(set.intersection(*(set(v) for v in a.values())))
-        r0, r1, r2 = (int(x["rank"]) for x in (lo, mid, hi))
+        r0, r1, r2 = ranks[0], ranks[len(ranks) // 2], ranks[-1]
+        a0, a1, a2 = (seeds_of(df, row(ch, rank=r), f"test_{ACC}") for r in (r0, r1, r2))
         rep.verdicts.append(sign_verdict(
             f"the gains shrink: r={r0}→{r1} gains more than r={r1}→{r2}",
-            values_diff([(a[r1][s] - a[r0][s]) - (a[r2][s] - a[r1][s]) for s in common]),
+            values_diff([(a1[s] - a0[s]) - (a2[s] - a1[s]) for s in sorted(set(a0) & set(a1) & set(a2))]),
             f"(r{r1} − r{r0}) − (r{r2} − r{r1}), paired by seed"))
     four, eight = row(ch, rank=4), row(ch, rank=8)
     if four is not None and eight is not None:
@@ -795,7 +793,7 @@ def _ratio_grid(runs: Runs, summary: pd.DataFrame, ratio: str) -> str:
     best = summary.loc[summary["val_mean"].idxmax()]
     for label, (_, s) in [*(("", x) for x in marked.sort_values(["lr", ratio]).iterrows()),
                           (" (val-best, for comparison)", (None, best))]:
-        g = df[(df[ratio] == s[ratio]) & (df["lr"] == s["lr"])]
+        g = aggregate.setting_rows(df, s)
         peak = np.mean([max(_history(runs.records[r], "loss"), default=math.nan) for r in g["run_id"]])
         last = np.mean([_history_mean(runs.records[r], "loss", 20) for r in g["run_id"]])
         rows.append(f"| {s[ratio]:g}{label} | {s['lr']:g} | {s[ratio] * s['lr']:g} | {s['n_trivial']:.0f}/{s['n']} "

@@ -509,8 +509,8 @@ def fit(model: nn.Module, variant: Variant, data: Task, cfg: OptimConfig, *, see
     warm = step_times[1:] or step_times  # the first step pays one-off allocation costs
     cost.update(gradient_bytes=gradient_bytes, peak_memory_bytes=memory.peaks["train"],
                 eval_peak_memory_bytes=memory.peaks.get("eval"), train_time_s=train_time,
-                step_time_ms=1000 * float(np.mean(warm)) if warm else math.nan,
-                step_time_median_ms=1000 * float(np.median(warm)) if warm else math.nan,
+                step_time_ms=1000 * float(np.mean(warm)) if warm else None,  # None: no step was timed
+                step_time_median_ms=1000 * float(np.median(warm)) if warm else None,
                 steps=steps)
     cost["tensor_peak_bytes"] = memory_profile["peak_bytes"] if memory_profile is not None else None
     return {"metrics": {"val": val, "test": test}, "history": _compact(history), "cost": cost,
