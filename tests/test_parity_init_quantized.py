@@ -99,7 +99,14 @@ def _nf4(path):
 
     q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                            bnb_4bit_compute_dtype=torch.float32)
-    return AutoModelForCausalLM.from_pretrained(path, quantization_config=q, device_map="cpu")
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=q, device_map="cpu")
+    # bitsandbytes 0.50 repacks a 4-bit weight for its AVX512-BF16 CPU kernel on the first no-grad eval
+    # forward, assuming in_features is a multiple of the 64-wide block; the tiny model's 32 is not, so on such
+    # a CPU that forward fails inside bitsandbytes. Both sides keep the plain dequantize path.
+    for m in model.modules():
+        if hasattr(m, "support_avx512bf16_for_cpu"):
+            m.support_avx512bf16_for_cpu = False
+    return model
 
 
 @pytest.fixture(scope="module")
