@@ -927,18 +927,25 @@ def _fairness(runs: Runs, out: Path, metric: str, title: str) -> Report:
     if not failed.empty and "lr" in failed:
         at = failed[np.isclose(failed["lr"].astype(float), shared_lr)]
         diverged = {v: len(g) for v, g in at.groupby("variant") if not (shared["variant"] == v).any()}
+    # a method no better than the trivial baseline in every seed at the shared lr (for lm: worse than the
+    # untrained model, i.e. diverged) is ranked last like a failed one: its perplexities (1e3 and up) would
+    # otherwise blow a paired interval over 0 although the order is certain
+    n_trivial = shared["n_trivial"] if "n_trivial" in shared else pd.Series(np.nan, index=shared.index)
+    at_trivial = set(shared.loc[n_trivial.fillna(0) >= shared["n"], "variant"])
     lines = [f"| method | own val-best lr | test {metric} at it (95% CI) | at the shared lr {shared_lr:g} |",
              "|---|---:|---:|---:|"]
     for _, r in own.iterrows():
         s = shared[shared["variant"] == r["variant"]]
-        at_shared = (fmt(s.iloc[0]) + trivial_note(s.iloc[0], _scale(metric)) if len(s) else
+        at_shared = (fmt(s.iloc[0]) + trivial_note(s.iloc[0], _scale(metric)) + _last(s.iloc[0], sign)
+                     if r["variant"] in at_trivial else
+                     fmt(s.iloc[0]) + trivial_note(s.iloc[0], _scale(metric)) if len(s) else
                      f"failed ({diverged[r['variant']]} runs; ranked last)" if r["variant"] in diverged else "–")
         lines.append(f"| {r['variant']} | {r['lr']:g}{' (' + r['lr_edge'] + ' tried)' if r['lr_edge'] else ''} | "
                      f"{fmt(r)}{trivial_note(r, _scale(metric))} | {at_shared} |")
     rep.sections.append("## Numbers\n\n" + "\n".join(lines))
     a = dict(zip(own["variant"], sign * own["mean"], strict=True))
     b = dict(zip(shared["variant"], sign * shared["mean"], strict=True))
-    b.update({v: -math.inf for v in diverged})  # a run that fails at the shared lr ranks below every result
+    b.update({v: -math.inf for v in set(diverged) | at_trivial})  # ranked below every result (ties: no flip)
     names = sorted(set(a) & set(b))
     pairs = [(x, y) for i, x in enumerate(names) for y in names[i + 1:]]
     flips = [(x, y) for x, y in pairs if (a[x] - a[y]) * (b[x] - b[y]) < 0]
@@ -959,23 +966,36 @@ def _fairness(runs: Runs, out: Path, metric: str, title: str) -> Report:
     clear_flips = []
     for x, y in flips:
         d_own, d_shared = diff(x, y, own), diff(x, y, shared)
-        failed_side = d_shared is None  # a method failed at the shared lr: its order there is certain
+        # one side failed or sat at the trivial baseline in every seed at the shared lr: its order there is certain
+        failed_side = d_shared is None or bool({x, y} & at_trivial)
         is_clear = clear(d_own) != 0 and (failed_side or clear(d_own) == -clear(d_shared))
         clear_flips += [(x, y)] if is_clear else []
-        shared_text = "one side failed" if failed_side else d_shared.text(scale, "")
+        shared_text = ("one side failed" if d_shared is None else
+                       f"{d_shared.text(scale, '')}; {' and '.join(sorted({x, y} & at_trivial))} at the trivial "
+                       "baseline in every seed" if failed_side else d_shared.text(scale, ""))
         lines.append(f"| {x} vs {y} | {d_own.text(scale, '') if d_own else '–'} | {shared_text} | "
                      f"{'yes' if is_clear else 'no'} |")
     higher_word = "higher is better" if higher else "lower is better, so signs are flipped to read as 'better by'"
     rep.sections.append("## Flips\n\n" + (f"{len(flips)} of {len(pairs)} pairs change order ({higher_word}); a "
                                            "flip is clear when both paired intervals exclude 0 with opposite "
-                                           "signs.\n\n" + "\n".join(lines) if flips else
+                                           "signs, or when the own-lr interval excludes 0 and one side failed or "
+                                           "sat at the trivial baseline in every seed at the shared lr (ranked "
+                                           "last).\n\n" + "\n".join(lines) if flips else
                                            f"none of the {len(pairs)} pairs change order"))
     label = REPRODUCED if clear_flips else NOT_REPRODUCED
     rep.verdicts.append(Verdict("a shared lr changes the ranking of the methods", label,
                                 f"{len(flips)} of {len(pairs)} pairs flip in their means over 3 seeds, "
-                                f"{len(clear_flips)} clearly (both paired 95% intervals exclude 0)"
+                                f"{len(clear_flips)} clearly (both paired 95% intervals exclude 0, or one side failed or "
+                                f"sat at the trivial baseline in every seed at the shared lr)"
                                 + (f": {', '.join(f'{x} vs {y}' for x, y in clear_flips)}" if clear_flips else "")))
     return rep
+
+
+def _last(r: pd.Series, sign: int) -> str:
+    """"; diverged …, ranked last" for a setting whose every seed is no better than the trivial baseline; it
+    diverged when its mean is worse than that baseline (an lm run above the untrained model's perplexity)."""
+    worse = sign * r["mean"] < sign * r["trivial"]
+    return "; diverged (worse than the trivial baseline), ranked last" if worse else "; ranked last"
 
 
 def _scale(metric: str) -> float:

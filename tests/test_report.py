@@ -350,6 +350,37 @@ def test_lr_fairness_lm_report_counts_the_flips_of_a_lower_is_better_metric(tmp_
         assert ("failed (3 runs; ranked last)" in text) == diverges
 
 
+def test_lr_fairness_ranks_a_method_at_the_trivial_baseline_in_every_seed_last(tmp_path):
+    """Full FT diverges from LoRA's lr on: its perplexity (3e3, 5e2, 9e3 by seed) is worse than the untrained
+    model's 50 in every seed. The paired interval of such values spans 0, yet the order is certain: it is ranked
+    last like a failed run, and each of its 4 flips is clear; with the untrained model at 1e5 (so full is no
+    longer at the trivial baseline) the same flips are not."""
+    import math
+
+    _, jobs = report.sweep("paper/lr_fairness_lm")
+    best_lr = {"lora": 1e-3, "dora": 1e-3, "galore": 1e-3, "adalora": 1e-3, "full": 3e-5}
+    level = {"lora": 20.0, "dora": 19.5, "galore": 21.0, "adalora": 22.0, "full": 18.0}
+    for untrained in (50.0, 1e5):
+        folder, out = tmp_path / f"runs{untrained:g}", tmp_path / f"out{untrained:g}"
+        for j in jobs:
+            name, lr, seed = j.config["variant"]["name"], j.config["optim"]["lr"], j.config["seed"]
+            ppl = level[name] + abs(math.log10(lr / best_lr[name])) ** 2 + 0.1 * seed
+            if name == "full" and lr >= 1e-3:
+                ppl = (3e3, 5e2, 9e3)[seed]
+            _fake(j, ppl, ppl, folder, metric="perplexity",
+                  trivial={"name": "untrained model", "test": {"perplexity": untrained}})
+        text = report.make("paper/lr_fairness_lm", out, results_dir=folder).read_text()
+        got = _verdicts(out, "paper/lr_fairness_lm")["a shared lr changes the ranking of the methods"]
+        assert "4 of 10 pairs flip" in got["reason"], got
+        row = next(line for line in text.splitlines() if line.startswith("| full |"))
+        if untrained == 50.0:
+            assert got["label"] == REPRODUCED and "4 clearly" in got["reason"], got
+            assert "3 of 3 seeds at the trivial baseline" in row and "diverged" in row and "ranked last" in row, row
+        else:
+            assert got["label"] == NOT_REPRODUCED and "0 clearly" in got["reason"], got
+            assert "ranked last" not in row, row
+
+
 def test_a_setting_at_the_trivial_baseline_is_flagged_in_its_row(tmp_path):
     """Wk alone no better than the majority class (0.5) on every seed: its row says so; the others do not."""
     _, jobs = report.sweep("paper/lora_targets")
