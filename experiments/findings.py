@@ -992,9 +992,10 @@ def _fairness(runs: Runs, out: Path, metric: str, title: str) -> Report:
 
 
 def _last(r: pd.Series, sign: int) -> str:
-    """"; diverged …, ranked last" for a setting whose every seed is no better than the trivial baseline; it
-    diverged when its mean is worse than that baseline (an lm run above the untrained model's perplexity)."""
-    worse = sign * r["mean"] < sign * r["trivial"]
+    """"; ranked last" for a setting whose every seed is no better than the trivial baseline, "diverged" where
+    training made a lower-is-better metric worse than that baseline (lm: above the untrained model's perplexity;
+    an accuracy at the majority class is a collapse onto it, said by the trivial note already)."""
+    worse = sign < 0 and r["mean"] > r["trivial"]
     return "; diverged (worse than the trivial baseline), ranked last" if worse else "; ranked last"
 
 
