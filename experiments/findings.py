@@ -988,6 +988,35 @@ def _fairness(runs: Runs, out: Path, metric: str, title: str) -> Report:
                                 f"{len(clear_flips)} clearly (both paired 95% intervals exclude 0, or one side failed or "
                                 f"sat at the trivial baseline in every seed at the shared lr)"
                                 + (f": {', '.join(f'{x} vs {y}' for x, y in clear_flips)}" if clear_flips else "")))
+    # what the shared lr costs each method: its own lr − the shared one, paired by seed, in the better direction
+    lines = [f"| method | own lr | own lr − shared lr {shared_lr:g} (95% CI) | clear |", "|---|---:|---:|---|"]
+    costly = []
+    for _, r in own.iterrows():
+        v = r["variant"]
+        s = shared[shared["variant"] == v]
+        if np.isclose(r["lr"], shared_lr):
+            lines.append(f"| {v} | {r['lr']:g} | its own lr is the shared one | – |")
+            continue
+        own_ok = not (r.get("n_trivial") or 0) >= r["n"]
+        if s.empty:
+            lost, text = v in diverged, "failed at the shared lr" if v in diverged else "not run at the shared lr"
+        else:
+            d = paired_diff(df, r, s.iloc[0], column)
+            d = Diff(sign * d.mean, *sorted((sign * d.low, sign * d.high)), d.n)
+            lost = clear(d) > 0 or (v in at_trivial and own_ok)  # the trivial rule, as for the flips
+            text = d.text(scale, "") + ("; at the trivial baseline in every seed there" if v in at_trivial else "")
+        costly += [v] if lost else []
+        lines.append(f"| {v} | {r['lr']:g} | {text} | {'yes' if lost else 'no'} |")
+    rep.sections.append("## What the shared lr costs each method\n\n" + "\n".join(lines) + "\n\nA method is "
+                        "clearly worse at the shared lr when the paired interval lies on the worse side of 0, or "
+                        "when it failed or sat at the trivial baseline in every seed there and not at its own lr.")
+    rep.verdicts.append(Verdict(
+        "a shared lr understates some methods (worse than at their own lr)", REPRODUCED if costly else NOT_REPRODUCED,
+        f"{len(costly)} of {len(own) - (np.isclose(own['lr'], shared_lr)).sum()} methods whose own lr differs from "
+        f"the shared {shared_lr:g} are clearly worse there"
+        + (f": {', '.join(costly)}" if costly else "") + (f" ({', '.join(sorted(at_trivial | set(diverged)))} at the "
+                                                          "trivial baseline or failed)" if at_trivial or diverged
+                                                          else "")))
     return rep
 
 

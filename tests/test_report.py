@@ -353,8 +353,8 @@ def test_lr_fairness_lm_report_counts_the_flips_of_a_lower_is_better_metric(tmp_
 def test_lr_fairness_ranks_a_method_at_the_trivial_baseline_in_every_seed_last(tmp_path):
     """Full FT diverges from LoRA's lr on: its perplexity (3e3, 5e2, 9e3 by seed) is worse than the untrained
     model's 50 in every seed. The paired interval of such values spans 0, yet the order is certain: it is ranked
-    last like a failed run, and each of its 4 flips is clear; with the untrained model at 1e5 (so full is no
-    longer at the trivial baseline) the same flips are not."""
+    last like a failed run, and each of its 4 flips is clear, as is what the shared lr costs it; with the
+    untrained model at 1e5 (so full is no longer at the trivial baseline) neither is."""
     import math
 
     _, jobs = report.sweep("paper/lr_fairness_lm")
@@ -373,12 +373,16 @@ def test_lr_fairness_ranks_a_method_at_the_trivial_baseline_in_every_seed_last(t
         got = _verdicts(out, "paper/lr_fairness_lm")["a shared lr changes the ranking of the methods"]
         assert "4 of 10 pairs flip" in got["reason"], got
         row = next(line for line in text.splitlines() if line.startswith("| full |"))
+        cost = _verdicts(out, "paper/lr_fairness_lm")["a shared lr understates some methods (worse than at their "
+                                                        "own lr)"]
         if untrained == 50.0:
             assert got["label"] == REPRODUCED and "4 clearly" in got["reason"], got
             assert "3 of 3 seeds at the trivial baseline" in row and "diverged" in row and "ranked last" in row, row
+            assert cost["label"] == REPRODUCED and "1 of 1 methods" in cost["reason"] and ": full" in cost["reason"]
         else:
             assert got["label"] == NOT_REPRODUCED and "0 clearly" in got["reason"], got
             assert "ranked last" not in row, row
+            assert cost["label"] == NOT_REPRODUCED and "0 of 1 methods" in cost["reason"], cost
 
 
 def test_a_setting_at_the_trivial_baseline_is_flagged_in_its_row(tmp_path):
@@ -411,6 +415,9 @@ def test_lr_fairness_flips_within_the_seed_noise_are_not_clear(tmp_path):
     report.make("paper/lr_fairness", tmp_path / "out", results_dir=tmp_path / "runs_here")
     got = _verdicts(tmp_path / "out", "paper/lr_fairness")["a shared lr changes the ranking of the methods"]
     assert got["label"] == NOT_REPRODUCED and "1 of 1 pairs flip" in got["reason"] and "0 clearly" in got["reason"], got
+    cost = _verdicts(tmp_path / "out", "paper/lr_fairness")["a shared lr understates some methods (worse than at "
+                                                             "their own lr)"]
+    assert cost["label"] == NOT_REPRODUCED and "0 of 1 methods" in cost["reason"], cost  # DoRA: better at LoRA's lr
 
 
 def test_loraplus_report_finds_the_b_lr_ridge(tmp_path):
