@@ -930,15 +930,13 @@ def _fairness(runs: Runs, out: Path, metric: str, title: str) -> Report:
     # a method no better than the trivial baseline in every seed at the shared lr (for lm: worse than the
     # untrained model, i.e. diverged) is ranked last like a failed one: its perplexities (1e3 and up) would
     # otherwise blow a paired interval over 0 although the order is certain
-    n_trivial = shared["n_trivial"] if "n_trivial" in shared else pd.Series(np.nan, index=shared.index)
-    at_trivial = set(shared.loc[n_trivial.fillna(0) >= shared["n"], "variant"])
+    at_trivial = {r["variant"] for _, r in shared.iterrows() if _every_seed_trivial(r)}
     lines = [f"| method | own val-best lr | test {metric} at it (95% CI) | at the shared lr {shared_lr:g} |",
              "|---|---:|---:|---:|"]
     for _, r in own.iterrows():
         s = shared[shared["variant"] == r["variant"]]
-        at_shared = (fmt(s.iloc[0]) + trivial_note(s.iloc[0], _scale(metric)) + _last(s.iloc[0], sign)
-                     if r["variant"] in at_trivial else
-                     fmt(s.iloc[0]) + trivial_note(s.iloc[0], _scale(metric)) if len(s) else
+        at_shared = (fmt(s.iloc[0]) + trivial_note(s.iloc[0], _scale(metric))
+                     + (_last(s.iloc[0], sign) if r["variant"] in at_trivial else "") if len(s) else
                      f"failed ({diverged[r['variant']]} runs; ranked last)" if r["variant"] in diverged else "–")
         lines.append(f"| {r['variant']} | {r['lr']:g}{' (' + r['lr_edge'] + ' tried)' if r['lr_edge'] else ''} | "
                      f"{fmt(r)}{trivial_note(r, _scale(metric))} | {at_shared} |")
@@ -951,12 +949,15 @@ def _fairness(runs: Runs, out: Path, metric: str, title: str) -> Report:
     flips = [(x, y) for x, y in pairs if (a[x] - a[y]) * (b[x] - b[y]) < 0]
     column, scale = f"test_{metric}", _scale(metric)
 
-    def diff(x, y, at) -> Diff | None:  # x − y in the better direction, paired by seed; None: a side failed
+    def better(first: pd.Series, second: pd.Series) -> Diff:  # first − second in the better direction, by seed
+        d = paired_diff(df, first, second, column)
+        return Diff(sign * d.mean, *sorted((sign * d.low, sign * d.high)), d.n)
+
+    def diff(x, y, at) -> Diff | None:  # method x − method y at the rows ``at``; None: a side failed
         rows = {v: at[at["variant"] == v] for v in (x, y)}
         if any(r.empty for r in rows.values()):
             return None
-        d = paired_diff(df, rows[x].iloc[0], rows[y].iloc[0], column)
-        return Diff(sign * d.mean, *sorted((sign * d.low, sign * d.high)), d.n)
+        return better(rows[x].iloc[0], rows[y].iloc[0])
 
     def clear(d: Diff | None) -> int:  # +1 / −1: the interval lies above / below 0; 0: not resolved
         return 0 if d is None or d.n < 2 or math.isnan(d.low) else (d.low > 0) - (d.high < 0)
@@ -967,12 +968,13 @@ def _fairness(runs: Runs, out: Path, metric: str, title: str) -> Report:
     for x, y in flips:
         d_own, d_shared = diff(x, y, own), diff(x, y, shared)
         # one side failed or sat at the trivial baseline in every seed at the shared lr: its order there is certain
-        failed_side = d_shared is None or bool({x, y} & at_trivial)
+        trivial_side = sorted({x, y} & at_trivial)
+        failed_side = d_shared is None or bool(trivial_side)
         is_clear = clear(d_own) != 0 and (failed_side or clear(d_own) == -clear(d_shared))
         clear_flips += [(x, y)] if is_clear else []
-        shared_text = ("one side failed" if d_shared is None else
-                       f"{d_shared.text(scale, '')}; {' and '.join(sorted({x, y} & at_trivial))} at the trivial "
-                       "baseline in every seed" if failed_side else d_shared.text(scale, ""))
+        shared_text = ("one side failed" if d_shared is None else d_shared.text(scale, "")
+                       + (f"; {' and '.join(trivial_side)} at the trivial baseline in every seed" if trivial_side
+                          else ""))
         lines.append(f"| {x} vs {y} | {d_own.text(scale, '') if d_own else '–'} | {shared_text} | "
                      f"{'yes' if is_clear else 'no'} |")
     higher_word = "higher is better" if higher else "lower is better, so signs are flipped to read as 'better by'"
@@ -985,25 +987,24 @@ def _fairness(runs: Runs, out: Path, metric: str, title: str) -> Report:
     label = REPRODUCED if clear_flips else NOT_REPRODUCED
     rep.verdicts.append(Verdict("a shared lr changes the ranking of the methods", label,
                                 f"{len(flips)} of {len(pairs)} pairs flip in their means over 3 seeds, "
-                                f"{len(clear_flips)} clearly (both paired 95% intervals exclude 0, or one side failed or "
-                                f"sat at the trivial baseline in every seed at the shared lr)"
+                                f"{len(clear_flips)} clearly (both paired 95% intervals exclude 0, or one side "
+                                "failed or sat at the trivial baseline in every seed at the shared lr)"
                                 + (f": {', '.join(f'{x} vs {y}' for x, y in clear_flips)}" if clear_flips else "")))
     # what the shared lr costs each method: its own lr − the shared one, paired by seed, in the better direction
     lines = [f"| method | own lr | own lr − shared lr {shared_lr:g} (95% CI) | clear |", "|---|---:|---:|---|"]
-    costly = []
+    costly, moved = [], 0
     for _, r in own.iterrows():
         v = r["variant"]
         s = shared[shared["variant"] == v]
         if np.isclose(r["lr"], shared_lr):
             lines.append(f"| {v} | {r['lr']:g} | its own lr is the shared one | – |")
             continue
-        own_ok = not (r.get("n_trivial") or 0) >= r["n"]
+        moved += 1
         if s.empty:
             lost, text = v in diverged, "failed at the shared lr" if v in diverged else "not run at the shared lr"
         else:
-            d = paired_diff(df, r, s.iloc[0], column)
-            d = Diff(sign * d.mean, *sorted((sign * d.low, sign * d.high)), d.n)
-            lost = clear(d) > 0 or (v in at_trivial and own_ok)  # the trivial rule, as for the flips
+            d = better(r, s.iloc[0])
+            lost = clear(d) > 0 or (v in at_trivial and not _every_seed_trivial(r))  # the trivial rule, as for flips
             text = d.text(scale, "") + ("; at the trivial baseline in every seed there" if v in at_trivial else "")
         costly += [v] if lost else []
         lines.append(f"| {v} | {r['lr']:g} | {text} | {'yes' if lost else 'no'} |")
@@ -1012,12 +1013,19 @@ def _fairness(runs: Runs, out: Path, metric: str, title: str) -> Report:
                         "when it failed or sat at the trivial baseline in every seed there and not at its own lr.")
     rep.verdicts.append(Verdict(
         "a shared lr understates some methods (worse than at their own lr)", REPRODUCED if costly else NOT_REPRODUCED,
-        f"{len(costly)} of {len(own) - (np.isclose(own['lr'], shared_lr)).sum()} methods whose own lr differs from "
+        f"{len(costly)} of {moved} methods whose own lr differs from "
         f"the shared {shared_lr:g} are clearly worse there"
         + (f": {', '.join(costly)}" if costly else "") + (f" ({', '.join(sorted(at_trivial | set(diverged)))} at the "
                                                           "trivial baseline or failed)" if at_trivial or diverged
                                                           else "")))
     return rep
+
+
+def _every_seed_trivial(r: pd.Series) -> bool:
+    """Every seed of the setting ``r`` (a summary row) is no better than the trivial baseline; False where
+    the task names none."""
+    k = r.get("n_trivial")
+    return k is not None and not pd.isna(k) and k >= r["n"]
 
 
 def _last(r: pd.Series, sign: int) -> str:

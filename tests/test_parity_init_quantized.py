@@ -16,6 +16,7 @@ from test_parity_gpt2 import _copy_into_ref, peft_key
 from tiny import loss_of, output_of, tiny_bert, tiny_llama, token_batch
 
 import variants
+from experiments.hub import Loading
 from variants.lora import LoRALinear, adapter_layers
 
 F32 = dict(rtol=1e-5, atol=1e-5)  # peft initialises OLoRA / PiSSA in float32 only
@@ -102,11 +103,9 @@ def _nf4(path):
     model = AutoModelForCausalLM.from_pretrained(path, quantization_config=q, device_map="cpu")
     # bitsandbytes 0.50 repacks a 4-bit weight for its AVX512-BF16 CPU kernel on the first no-grad eval
     # forward, assuming in_features is a multiple of the 64-wide block; the tiny model's 32 is not, so on such
-    # a CPU that forward fails inside bitsandbytes. Both sides keep the plain dequantize path.
-    for m in model.modules():
-        if hasattr(m, "support_avx512bf16_for_cpu"):
-            m.support_avx512bf16_for_cpu = False
-    return model
+    # a CPU that forward fails inside bitsandbytes. Both sides keep the plain dequantize path, as a run's
+    # model does: the product's own Loading.prepare switches the repacking off.
+    return Loading(quantize="nf4").prepare(model)
 
 
 @pytest.fixture(scope="module")
